@@ -1,0 +1,82 @@
+"""Which backend computes a call: availability, the reason when not, and 'auto'.
+
+Every backend exposes the contract of fastmargin.reference.margin_cross_entropy:
+(embeddings, weight, labels, margin, scale, sub_centers, label_smoothing, ignore_index,
+reduction) -> (loss, lse). A fused backend is a torch.library custom op (DESIGN §4).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+
+import torch
+
+from . import _extension, reference
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+
+# 'auto' takes the first usable backend for the tensors' device type, fastest first.
+AUTO_ORDER = {
+    "cpu": ("cpu", "reference"),
+    "cuda": ("cuda", "triton", "reference"),
+}
+
+# Each fused backend's device type; the reference runs wherever torch does.
+_DEVICE_TYPE = {"cpu": "cpu", "triton": "cuda", "cuda": "cuda"}
+
+# What each fused backend still lacks in this version; removed as the kernels land.
+_NOT_IMPLEMENTED = {
+    "cpu": "the fused CPU kernel is not implemented in this version of fastmargin",
+    "triton": "the fused Triton kernels are not implemented in this version of fastmargin",
+    "cuda": "the fused CUDA kernels are not implemented in this version of fastmargin",
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A named backend cannot run here; the message says why and what to use instead."""
+
+
+def unavailable_reason(name: str, device: torch.device | None = None) -> str | None:
+    """None if backend `name` can run on `device` (any device when None), else why not."""
+    if name not in BACKENDS:
+        return f"unknown backend {name!r}: choose one of {BACKENDS} or 'auto'"
+    if name == "reference":
+        return None
+    wanted = _DEVICE_TYPE[name]
+    if device is not None and device.type != wanted:
+        return f"backend {name!r} runs on {wanted} tensors, and these are on {device.type}"
+    if name == "triton" and importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton, or a CUDA build of torch, brings it)"
+    if name in ("cpu", "cuda"):
+        ext_reason = _extension.unavailable_reason(name)
+        if ext_reason is not None:
+            return ext_reason
+    if name in ("triton", "cuda") and not torch.cuda.is_available():
+        return "no CUDA device is visible to torch"
+    return _NOT_IMPLEMENTED.get(name)
+
+
+def select(name: str, device: torch.device) -> str:
+    """The backend that will compute on `device`: `name` itself, or the pick of 'auto'."""
+    if name == "auto":
+        for candidate in AUTO_ORDER.get(device.type, ("reference",)):
+            if unavailable_reason(candidate, device) is None:
+                return candidate
+        return "reference"
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        usable = [b for b in BACKENDS if unavailable_reason(b, device) is None]
+        raise BackendUnavailableError(
+            f"backend {name!r} is unavailable: {reason}. "
+            f"Usable here: {usable}; backend='auto' picks the fastest of them. "
+            "`python -m fastmargin` reports what is built."
+        )
+    return name
+
+
+def implementation(name: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """The function computing (loss, lse) for an available backend `name`."""
+    if name == "reference":
+        return reference.margin_cross_entropy
+    raise BackendUnavailableError(f"backend {name!r}: {_NOT_IMPLEMENTED[name]}")

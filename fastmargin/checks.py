@@ -1,0 +1,104 @@
+"""Input checks shared by the functional API and the modules; each error says what to do.
+
+The label range check reads the labels on the host: one device sync per call on a GPU.
+NaN or inf in embeddings or weight is not checked (that would be a second sync): it
+propagates to the loss and gradients, as in torch.nn.functional.cross_entropy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_positive_int(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def check_scale(scale: object) -> float:
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale={scale!r}: the logit scale s must be finite and > 0 (64 is usual)")
+    return float(scale)
+
+
+def check_options(label_smoothing: object, reduction: object, ignore_index: object) -> None:
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing={label_smoothing!r} must be a number in [0, 1)")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r}: use one of {REDUCTIONS}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def _check_float(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; use one of float16, bfloat16, float32, float64")
+    return t
+
+
+def check_inputs(
+    embeddings: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    sub_centers: int,
+    ignore_index: int,
+) -> int:
+    """Checks shapes, dtypes, devices and label range; returns the number of classes C.
+
+    embeddings (B, D) float, weight (C*K, D) float (any strides), labels (B,) integer.
+    """
+    _check_float("embeddings", embeddings)
+    _check_float("weight", weight)
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor of class indices, got {type(labels).__name__}")
+    if embeddings.dim() != 2:
+        raise ValueError(f"embeddings must be 2-D (batch, dim), got shape {tuple(embeddings.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (num_classes * sub_centers, dim), got shape {tuple(weight.shape)}")
+    batch, dim = embeddings.shape
+    if weight.shape[1] != dim:
+        hint = " (a (dim, num_classes) weight, as pytorch-metric-learning keeps W, is passed as W.t())"
+        hint = hint if weight.shape[0] == dim else ""
+        raise ValueError(
+            f"weight has shape {tuple(weight.shape)} but embeddings have dim {dim}: weight must be "
+            f"(num_classes * sub_centers, {dim}){hint}"
+        )
+    if dim < 1:
+        raise ValueError("embeddings must have dim >= 1")
+    check_positive_int("sub_centers", sub_centers)
+    rows = weight.shape[0]
+    if rows < sub_centers or rows % sub_centers:
+        raise ValueError(
+            f"weight has {rows} rows, not a positive multiple of sub_centers={sub_centers}: "
+            "it must hold num_classes * sub_centers rows, class-major (row c*K + k)"
+        )
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor of class indices, got dtype {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != batch:
+        raise ValueError(
+            f"labels must have shape ({batch},), one per embedding row, got {tuple(labels.shape)}"
+        )
+    if not (embeddings.device == weight.device == labels.device):
+        raise ValueError(
+            f"embeddings ({embeddings.device}), weight ({weight.device}) and labels ({labels.device}) "
+            "must be on one device: move them with .to(device)"
+        )
+    num_classes = rows // sub_centers
+    bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
+    if batch and bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"labels[{i}] = {int(labels[i])} is outside [0, {num_classes}) and is not "
+            f"ignore_index={ignore_index}: labels must be class indices or ignore_index"
+        )
+    return num_classes

@@ -1,0 +1,72 @@
+"""fastmargin.margin_cross_entropy: the functional form of every margin loss."""
+
+from __future__ import annotations
+
+import torch
+
+from . import backends, checks
+from .margins import Margin
+
+
+def margin_cross_entropy(
+    embeddings: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    scale: float = 64.0,
+    m1: float = 1.0,
+    m2: float = 0.0,
+    m3: float = 0.0,
+    sphere_m: int | None = None,
+    sphere_lambda: float = 0.0,
+    sub_centers: int = 1,
+    grad_mode: str = "exact",
+    theta_policy: str = "fallback",
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    backend: str = "auto",
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Margin softmax cross-entropy of embeddings against class weights (DESIGN §1).
+
+    Args:
+        embeddings: (B, D) float16/bfloat16/float32/float64, unnormalised.
+        weight: (C*K, D), the F.linear layout, any strides (a (D, C) weight is passed as
+            W.t()); with K sub-centers, class-major rows: row c*K + k.
+        labels: (B,) integer class indices in [0, C), or ignore_index.
+        scale: s > 0. SphereFace uses s * ||x_i|| per row.
+        m1, m2, m3: the combined margin cos(m1*theta + m2) - m3, margins in radians
+            (ArcFace: m2; CosFace: m3). Every combination works.
+        sphere_m, sphere_lambda: SphereFace's integer margin and annealing weight (see
+            fastmargin.margins.Margin); exclusive with m1, m2, m3.
+        sub_centers: K >= 1 centres per class; cos is the max over them, before the margin.
+        grad_mode: 'exact' (true gradient) or 'detached' (straight-through, as insightface).
+        theta_policy: 'fallback' or 'clamp', where m1*theta + m2 passes pi.
+        label_smoothing: eps in [0, 1), as in F.cross_entropy.
+        ignore_index: label of rows that contribute nothing.
+        reduction: 'mean' over the rows not ignored (0, with zero gradients, when all are
+            ignored or B = 0), 'sum', or 'none' ((B,), 0 at ignored rows).
+        backend: 'auto' (the fastest usable here), 'reference', 'cpu', 'triton', 'cuda'.
+            Naming an unavailable backend raises BackendUnavailableError saying why.
+        return_lse: also return lse (B,), each row's log-sum-exp of the logits.
+
+    Returns:
+        The loss, float32 (float64 if an input is float64) whatever the input dtypes;
+        with return_lse, (loss, lse).
+
+    The label range check reads labels on the host (one sync on a GPU).
+    """
+    margin = Margin(
+        m1=m1, m2=m2, m3=m3, sphere_m=sphere_m, sphere_lambda=sphere_lambda,
+        theta_policy=theta_policy, grad_mode=grad_mode,
+    )
+    scale = checks.check_scale(scale)
+    checks.check_options(label_smoothing, reduction, ignore_index)
+    checks.check_inputs(embeddings, weight, labels, sub_centers, ignore_index)
+    compute = backends.implementation(backends.select(backend, embeddings.device))
+    loss, lse = compute(
+        embeddings, weight, labels.long(), margin, scale, sub_centers,
+        float(label_smoothing), ignore_index, reduction,
+    )
+    return (loss, lse) if return_lse else loss

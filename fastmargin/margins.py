@@ -1,0 +1,202 @@
+"""The margin specification and its math in PyTorch: psi (the target transform) and psi'.
+
+One `Margin` describes every loss of DESIGN §1:
+
+    ArcFace      Margin(m2=m)             psi = cos(theta + m)
+    CosFace      Margin(m3=m)             psi = cos - m
+    combined     Margin(m1, m2, m3)       psi = cos(m1*theta + m2) - m3
+    SphereFace   Margin(sphere_m=m)       psi = (-1)^k cos(m*theta) - 2k,  k = floor(m*theta/pi)
+                 Margin(sphere_m=m, sphere_lambda=lam)   psi = (lam*cos + psi) / (1 + lam)
+
+`psi` is differentiable with autograd and is what the reference uses; `psi_grad` is the
+closed form of DESIGN §2 that fused kernels evaluate, tested against autograd of `psi`.
+The C++/CUDA twin of this file is csrc/margin.h, the Triton twin kernels/margin.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# cos is clamped to [-1 + COS_EPS, 1 - COS_EPS] before acos or sqrt(1 - cos^2): acos' and
+# 1/sin(theta) are infinite at +-1. 1e-7 is the smallest margin that still moves 1.0 in
+# float32 (its spacing below 1 is 6e-8), so fp32 and fp64 backends clamp to the same place.
+# The clamp changes the value only: the gradient is psi' evaluated at the clamped cosine
+# (a straight-through clamp), which is what a fused kernel computes from the same formula.
+COS_EPS = 1e-7
+
+# Norms are taken as max(||v||, NORM_EPS), as F.normalize (and so pytorch-metric-learning)
+# does: a zero embedding or weight row has cos = 0 everywhere and a finite gradient.
+NORM_EPS = 1e-12
+
+THETA_POLICIES = ("fallback", "clamp")
+GRAD_MODES = ("exact", "detached")
+
+# SphereFace lambda annealing, as in the original Caffe code: lambda = max(lambda_min,
+# base * (1 + gamma * iteration) ** -power).
+SPHERE_LAMBDA_BASE = 1000.0
+SPHERE_LAMBDA_GAMMA = 0.12
+SPHERE_LAMBDA_POWER = 1.0
+SPHERE_LAMBDA_MIN = 5.0
+
+
+def sphereface_lambda(
+    iteration: int,
+    base: float = SPHERE_LAMBDA_BASE,
+    gamma: float = SPHERE_LAMBDA_GAMMA,
+    power: float = SPHERE_LAMBDA_POWER,
+    lambda_min: float = SPHERE_LAMBDA_MIN,
+) -> float:
+    """The annealed SphereFace weight lambda at a training iteration (DESIGN §1)."""
+    return max(lambda_min, base * (1.0 + gamma * iteration) ** (-power))
+
+
+def _check_finite(name: str, value: float, low: float, high: float, hint: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value) or not (low <= value <= high):
+        raise ValueError(f"{name}={value!r} is out of range: {hint}")
+
+
+@dataclass(frozen=True)
+class Margin:
+    """Which target transform psi, and how its gradient and the theta > pi edge are treated.
+
+    m1: multiplicative angular margin of the combined loss, > 0 (1 = none).
+    m2: additive angular margin in radians, in [0, pi).
+    m3: additive cosine margin, in [0, 2].
+    sphere_m: SphereFace integer margin m >= 1, or None. Excludes m1, m2, m3; selects the
+        feature-norm scale S_i = s * ||x_i||.
+    sphere_lambda: SphereFace annealing weight lambda >= 0 (0 = no annealing).
+    theta_policy: where m1*theta + m2 passes pi, psi stops decreasing. 'fallback' (default)
+        continues with a line in cos, insightface's cos - m2*sin(m2) for ArcFace;
+        'clamp' holds m1*theta + m2 at pi (psi flat, zero gradient there).
+    grad_mode: 'exact' (the true gradient) or 'detached' (psi' := 1: the margin shifts the
+        forward value only, the straight-through gradient of insightface and opensphere).
+    """
+
+    m1: float = 1.0
+    m2: float = 0.0
+    m3: float = 0.0
+    sphere_m: int | None = None
+    sphere_lambda: float = 0.0
+    theta_policy: str = "fallback"
+    grad_mode: str = "exact"
+
+    def __post_init__(self) -> None:
+        _check_finite("m1", self.m1, 1e-6, 100.0, "the multiplicative margin m1 must be in (0, 100]")
+        _check_finite("m2", self.m2, 0.0, math.pi - 1e-6, "the angular margin m2 is in radians, in [0, pi)")
+        _check_finite("m3", self.m3, 0.0, 2.0, "the cosine margin m3 must be in [0, 2]")
+        _check_finite("sphere_lambda", self.sphere_lambda, 0.0, 1e12, "lambda must be >= 0")
+        if self.theta_policy not in THETA_POLICIES:
+            raise ValueError(f"theta_policy={self.theta_policy!r}: use one of {THETA_POLICIES}")
+        if self.grad_mode not in GRAD_MODES:
+            raise ValueError(f"grad_mode={self.grad_mode!r}: use one of {GRAD_MODES}")
+        if self.sphere_m is not None:
+            if not isinstance(self.sphere_m, int) or isinstance(self.sphere_m, bool):
+                raise TypeError(f"sphere_m must be an int, got {type(self.sphere_m).__name__}")
+            if not 1 <= self.sphere_m <= 16:
+                raise ValueError(f"sphere_m={self.sphere_m}: the SphereFace margin must be an integer in [1, 16]")
+            if (self.m1, self.m2, self.m3) != (1.0, 0.0, 0.0):
+                raise ValueError("SphereFace (sphere_m) cannot be combined with m1, m2 or m3: leave them at 1, 0, 0")
+        elif self.sphere_lambda != 0.0:
+            raise ValueError("sphere_lambda applies to SphereFace only: set sphere_m too")
+
+    @property
+    def is_sphereface(self) -> bool:
+        return self.sphere_m is not None
+
+    @property
+    def is_additive_cosine(self) -> bool:
+        """psi = cos - m3: no angle needed, so no clamp either."""
+        return self.sphere_m is None and self.m1 == 1.0 and self.m2 == 0.0
+
+    @property
+    def theta_limit(self) -> float:
+        """theta* = (pi - m2) / m1: past it m1*theta + m2 > pi (may exceed pi: never reached)."""
+        return (math.pi - self.m2) / self.m1
+
+    @property
+    def fallback_shift(self) -> float:
+        """h in the fallback line psi = cos - m3 - h used where theta > theta*.
+
+        h = m2*sin(m2) + cos(m2) + cos(theta*). For m1 = 1, cos(theta*) = -cos(m2) and h is
+        insightface's m2*sin(m2). In general the line then sits below psi(theta*) = -1 - m3 by
+        the same gap as ArcFace's, 1 - cos(m2) - m2*sin(m2) <= 0, so psi stays monotonic.
+        """
+        return self.m2 * math.sin(self.m2) + math.cos(self.m2) + math.cos(self.theta_limit)
+
+
+def _clamp_straight_through(cos: torch.Tensor) -> torch.Tensor:
+    clamped = cos.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS)
+    return cos + (clamped - cos).detach()
+
+
+def chebyshev_t_u(cos: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """T_m(cos) = cos(m*theta) and U_{m-1}(cos) = sin(m*theta)/sin(theta), by recurrence.
+
+    T_m' = m * U_{m-1}, which is SphereFace's psi' without any division by sin(theta).
+    """
+    t_prev, t = torch.ones_like(cos), cos
+    u_prev, u = torch.zeros_like(cos), torch.ones_like(cos)  # U_{-1}, U_0
+    for _ in range(m - 1):
+        t_prev, t = t, 2 * cos * t - t_prev
+        u_prev, u = u, 2 * cos * u - u_prev
+    return t, u
+
+
+def _sphereface_k(cos: torch.Tensor, m: int) -> torch.Tensor:
+    theta = torch.acos(cos.detach())
+    return torch.floor(m * theta / math.pi).clamp(0, m - 1)
+
+
+def _psi_exact(cos: torch.Tensor, margin: Margin) -> torch.Tensor:
+    if margin.is_additive_cosine:
+        return cos - margin.m3
+    c = _clamp_straight_through(cos)
+    if margin.is_sphereface:
+        m = margin.sphere_m
+        k = _sphereface_k(c, m)
+        t_m, _ = chebyshev_t_u(c, m)
+        psi = torch.where(k.remainder(2) == 0, t_m, -t_m) - 2 * k
+        lam = margin.sphere_lambda
+        return (lam * c + psi) / (1 + lam) if lam else psi
+    angle = margin.m1 * torch.acos(c) + margin.m2
+    beyond = angle > math.pi
+    if margin.theta_policy == "clamp":
+        return torch.cos(angle.clamp(max=math.pi)) - margin.m3
+    fallback = c - margin.m3 - margin.fallback_shift
+    return torch.where(beyond, fallback, torch.cos(angle) - margin.m3)
+
+
+def psi(cos: torch.Tensor, margin: Margin) -> torch.Tensor:
+    """The target logit's cosine after the margin, elementwise; any shape, any float dtype.
+
+    Differentiable: with grad_mode='exact' autograd gives psi' (= psi_grad); with 'detached'
+    the gradient is 1, i.e. psi(cos) = cos + (psi(cos) - cos).detach().
+    """
+    value = _psi_exact(cos, margin)
+    if margin.grad_mode == "detached":
+        return cos + (value - cos).detach()
+    return value
+
+
+def psi_grad(cos: torch.Tensor, margin: Margin) -> torch.Tensor:
+    """d psi / d cos in closed form (DESIGN §2), what fused kernels compute; no autograd."""
+    if margin.grad_mode == "detached" or margin.is_additive_cosine:
+        return torch.ones_like(cos)
+    c = cos.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS)
+    if margin.is_sphereface:
+        m = margin.sphere_m
+        k = _sphereface_k(c, m)
+        _, u = chebyshev_t_u(c, m)
+        grad = torch.where(k.remainder(2) == 0, m * u, -m * u)
+        lam = margin.sphere_lambda
+        return (lam + grad) / (1 + lam) if lam else grad
+    theta = torch.acos(c)
+    angle = margin.m1 * theta + margin.m2
+    inside = margin.m1 * torch.sin(angle) / torch.sqrt(1 - c * c)
+    beyond_value = 1.0 if margin.theta_policy == "fallback" else 0.0
+    return torch.where(angle > math.pi, torch.full_like(c, beyond_value), inside)
