@@ -27,7 +27,6 @@ _DEVICE_TYPE = {"cpu": "cpu", "triton": "cuda", "cuda": "cuda"}
 
 # What each fused backend still lacks in this version; removed as the kernels land.
 _NOT_IMPLEMENTED = {
-    "cpu": "the fused CPU kernel is not implemented in this version of fastmargin",
     "triton": "the fused Triton kernels are not implemented in this version of fastmargin",
     "cuda": "the fused CUDA kernels are not implemented in this version of fastmargin",
 }
@@ -52,6 +51,8 @@ def unavailable_reason(name: str, device: torch.device | None = None) -> str | N
         ext_reason = _extension.unavailable_reason(name)
         if ext_reason is not None:
             return ext_reason
+    if name == "cpu" and not hasattr(_extension.module(), "cpu_forward"):
+        return "fastmargin._C was built before the CPU kernel existed: reinstall to rebuild it"
     if name in ("triton", "cuda") and not torch.cuda.is_available():
         return "no CUDA device is visible to torch"
     return _NOT_IMPLEMENTED.get(name)
@@ -59,6 +60,8 @@ def unavailable_reason(name: str, device: torch.device | None = None) -> str | N
 
 def select(name: str, device: torch.device) -> str:
     """The backend that will compute on `device`: `name` itself, or the pick of 'auto'."""
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: choose one of {BACKENDS} or 'auto'")
     if name == "auto":
         for candidate in AUTO_ORDER.get(device.type, ("reference",)):
             if unavailable_reason(candidate, device) is None:
@@ -79,4 +82,8 @@ def implementation(name: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]
     """The function computing (loss, lse) for an available backend `name`."""
     if name == "reference":
         return reference.margin_cross_entropy
+    if name == "cpu":
+        from . import backend_cpu
+
+        return backend_cpu.margin_cross_entropy
     raise BackendUnavailableError(f"backend {name!r}: {_NOT_IMPLEMENTED[name]}")

@@ -8,6 +8,7 @@ propagates to the loss and gradients, as in torch.nn.functional.cross_entropy.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -22,7 +23,7 @@ def check_positive_int(name: str, value: object) -> int:
 
 
 def check_scale(scale: object) -> float:
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+    if not isinstance(scale, numbers.Real) or isinstance(scale, bool):
         raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale={scale!r}: the logit scale s must be finite and > 0 (64 is usual)")
@@ -30,7 +31,8 @@ def check_scale(scale: object) -> float:
 
 
 def check_options(label_smoothing: object, reduction: object, ignore_index: object) -> None:
-    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < 1.0:
+    if not isinstance(label_smoothing, numbers.Real) or isinstance(label_smoothing, bool) \
+            or not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing={label_smoothing!r} must be a number in [0, 1)")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r}: use one of {REDUCTIONS}")

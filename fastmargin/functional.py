@@ -27,6 +27,7 @@ def margin_cross_entropy(
     reduction: str = "mean",
     backend: str = "auto",
     return_lse: bool = False,
+    chunk_size: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Margin softmax cross-entropy of embeddings against class weights (DESIGN §1).
 
@@ -50,6 +51,9 @@ def margin_cross_entropy(
         backend: 'auto' (the fastest usable here), 'reference', 'cpu', 'triton', 'cuda'.
             Naming an unavailable backend raises BackendUnavailableError saying why.
         return_lse: also return lse (B,), each row's log-sum-exp of the logits.
+        chunk_size: classes per block of a fused backend's walk over the classes (its
+            peak memory is O(B * chunk_size)); None takes the backend's default. The
+            reference materialises everything and ignores it.
 
     Returns:
         The loss, float32 (float64 if an input is float64) whatever the input dtypes;
@@ -64,9 +68,12 @@ def margin_cross_entropy(
     scale = checks.check_scale(scale)
     checks.check_options(label_smoothing, reduction, ignore_index)
     checks.check_inputs(embeddings, weight, labels, sub_centers, ignore_index)
-    compute = backends.implementation(backends.select(backend, embeddings.device))
-    loss, lse = compute(
+    if chunk_size is not None:
+        checks.check_positive_int("chunk_size", chunk_size)
+    name = backends.select(backend, embeddings.device)
+    tuning = {} if name == "reference" else {"chunk_size": chunk_size}
+    loss, lse = backends.implementation(name)(
         embeddings, weight, labels.long(), margin, scale, sub_centers,
-        float(label_smoothing), ignore_index, reduction,
+        float(label_smoothing), ignore_index, reduction, **tuning,
     )
     return (loss, lse) if return_lse else loss

@@ -16,6 +16,7 @@ The C++/CUDA twin of this file is csrc/margin.h, the Triton twin kernels/margin.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +55,7 @@ def sphereface_lambda(
 
 
 def _check_finite(name: str, value: float, low: float, high: float, hint: str) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not math.isfinite(value) or not (low <= value <= high):
         raise ValueError(f"{name}={value!r} is out of range: {hint}")
@@ -70,7 +71,7 @@ class Margin:
     sphere_m: SphereFace integer margin m >= 1, or None. Excludes m1, m2, m3; selects the
         feature-norm scale S_i = s * ||x_i||.
     sphere_lambda: SphereFace annealing weight lambda >= 0 (0 = no annealing).
-    theta_policy: where m1*theta + m2 passes pi, psi stops decreasing. 'fallback' (default)
+    theta_policy: where m1*theta + m2 passes pi (cos < cos_theta_limit), psi stops decreasing. 'fallback' (default)
         continues with a line in cos, insightface's cos - m2*sin(m2) for ArcFace;
         'clamp' holds m1*theta + m2 at pi (psi flat, zero gradient there).
     grad_mode: 'exact' (the true gradient) or 'detached' (psi' := 1: the margin shifts the
@@ -119,14 +120,24 @@ class Margin:
         return (math.pi - self.m2) / self.m1
 
     @property
+    def cos_theta_limit(self) -> float:
+        """cos(theta*), or -1 when theta* >= pi: psi leaves its first branch where cos < this.
+
+        Kernels test the cosine, not the angle, so no acos is needed to pick the branch.
+        """
+        return math.cos(self.theta_limit) if self.theta_limit < math.pi else -1.0
+
+    @property
     def fallback_shift(self) -> float:
         """h in the fallback line psi = cos - m3 - h used where theta > theta*.
 
-        h = m2*sin(m2) + cos(m2) + cos(theta*). For m1 = 1, cos(theta*) = -cos(m2) and h is
-        insightface's m2*sin(m2). In general the line then sits below psi(theta*) = -1 - m3 by
-        the same gap as ArcFace's, 1 - cos(m2) - m2*sin(m2) <= 0, so psi stays monotonic.
+        h = max(m2*sin(m2) + cos(m2), 1) + cos(theta*). For m1 = 1, cos(theta*) = -cos(m2)
+        and h is insightface's m2*sin(m2) (while m2*sin(m2) + cos(m2) >= 1, i.e. m2 <= 2.33).
+        At theta* the line starts at cos(theta*) - m3 - h = psi(theta*) - (max(...) - 1), that
+        is at or below psi(theta*) = -1 - m3 and decreasing with theta, so psi stays
+        monotonic; the max keeps it so past m2 = 2.33, where insightface's line would jump up.
         """
-        return self.m2 * math.sin(self.m2) + math.cos(self.m2) + math.cos(self.theta_limit)
+        return max(self.m2 * math.sin(self.m2) + math.cos(self.m2), 1.0) + math.cos(self.theta_limit)
 
 
 def _clamp_straight_through(cos: torch.Tensor) -> torch.Tensor:
@@ -163,12 +174,12 @@ def _psi_exact(cos: torch.Tensor, margin: Margin) -> torch.Tensor:
         psi = torch.where(k.remainder(2) == 0, t_m, -t_m) - 2 * k
         lam = margin.sphere_lambda
         return (lam * c + psi) / (1 + lam) if lam else psi
-    angle = margin.m1 * torch.acos(c) + margin.m2
-    beyond = angle > math.pi
-    if margin.theta_policy == "clamp":
-        return torch.cos(angle.clamp(max=math.pi)) - margin.m3
-    fallback = c - margin.m3 - margin.fallback_shift
-    return torch.where(beyond, fallback, torch.cos(angle) - margin.m3)
+    inside = torch.cos(margin.m1 * torch.acos(c) + margin.m2) - margin.m3
+    if margin.theta_policy == "clamp":  # cos(pi) - m3, flat: zero gradient
+        beyond = torch.full_like(c, -1.0 - margin.m3)
+    else:
+        beyond = c - margin.m3 - margin.fallback_shift
+    return torch.where(c < margin.cos_theta_limit, beyond, inside)
 
 
 def psi(cos: torch.Tensor, margin: Margin) -> torch.Tensor:
@@ -195,8 +206,7 @@ def psi_grad(cos: torch.Tensor, margin: Margin) -> torch.Tensor:
         grad = torch.where(k.remainder(2) == 0, m * u, -m * u)
         lam = margin.sphere_lambda
         return (lam + grad) / (1 + lam) if lam else grad
-    theta = torch.acos(c)
-    angle = margin.m1 * theta + margin.m2
+    angle = margin.m1 * torch.acos(c) + margin.m2
     inside = margin.m1 * torch.sin(angle) / torch.sqrt(1 - c * c)
-    beyond_value = 1.0 if margin.theta_policy == "fallback" else 0.0
-    return torch.where(angle > math.pi, torch.full_like(c, beyond_value), inside)
+    beyond = 1.0 if margin.theta_policy == "fallback" else 0.0
+    return torch.where(c < margin.cos_theta_limit, torch.full_like(c, beyond), inside)

@@ -6,7 +6,7 @@ weight `W` of shape (embedding_size, num_classes * sub_centers) and its initiali
 a PML state_dict loads unchanged. CombinedMarginLoss is insightface arcface_torch's margin
 with the classifier weight it lacks, in the F.linear layout (num_classes, embedding_size).
 fastmargin's own options (backend, grad_mode, theta_policy, label_smoothing, ignore_index,
-reduction) are keyword arguments a PML or insightface user never needs.
+reduction, chunk_size) are keyword arguments a PML or insightface user never needs.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class _MarginLoss(torch.nn.Module):
         label_smoothing: float = 0.0,
         ignore_index: int = -100,
         reduction: str = "mean",
+        chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         self.margin = margin
@@ -44,6 +45,7 @@ class _MarginLoss(torch.nn.Module):
         self.label_smoothing = label_smoothing
         self.ignore_index = ignore_index
         self.reduction = reduction
+        self.chunk_size = chunk_size if chunk_size is None else checks.check_positive_int("chunk_size", chunk_size)
 
     def current_margin(self) -> Margin:
         return self.margin
@@ -66,6 +68,7 @@ class _MarginLoss(torch.nn.Module):
             sub_centers=self.sub_centers, grad_mode=margin.grad_mode,
             theta_policy=margin.theta_policy, label_smoothing=self.label_smoothing,
             ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend,
+            chunk_size=self.chunk_size,
         )
         if torch.is_autocast_enabled(embeddings.device.type):
             return loss

@@ -86,10 +86,16 @@ def margin_cross_entropy(
         nll = lse - z.gather(1, target).squeeze(1)
         if label_smoothing:
             nll = (1 - label_smoothing) * nll + label_smoothing * (lse - z.mean(dim=1))
-        per_row = torch.where(valid, nll, 0)
-        if reduction == "none":
-            return per_row, lse
-        total = per_row.sum()
-        if reduction == "sum":
-            return total, lse
-        return total / valid.sum().clamp(min=1), lse
+        return reduce_rows(torch.where(valid, nll, 0), valid, reduction), lse
+
+
+def reduce_rows(per_row: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """per_row (B,) with 0 at ignored rows, valid (B,) bool -> the reduced loss.
+
+    'mean' divides by the number of valid rows, at least 1: an all-ignored or empty batch
+    gives 0 with zero gradients (F.cross_entropy gives NaN there). No host sync.
+    """
+    if reduction == "none":
+        return per_row
+    total = per_row.sum()
+    return total if reduction == "sum" else total / valid.sum().clamp(min=1)
