@@ -11,21 +11,8 @@ import fastmargin
 from fastmargin import BACKENDS, BackendUnavailableError, backends, reference
 from fastmargin.margins import Margin
 
+from helpers import assert_close
 CPU = torch.device("cpu")
-
-
-def assert_close(got, want, atol, rtol=0.0, what="value"):
-    """Elementwise |got - want| <= atol + rtol*|want|; names the first bad index and both values."""
-    got = torch.as_tensor(got, dtype=torch.float64).detach().cpu()
-    want = torch.as_tensor(want, dtype=torch.float64).detach().cpu()
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    bad = ~torch.isclose(got, want, atol=atol, rtol=rtol)
-    if bad.any():
-        i = tuple(bad.nonzero()[0].tolist())
-        raise AssertionError(
-            f"{what}: {int(bad.sum())} of {bad.numel()} differ; first at index {i}: "
-            f"got {got[i].item()!r}, expected {want[i].item()!r} (atol={atol}, rtol={rtol})"
-        )
 
 
 def inputs(B=6, C=5, D=4, K=1, dtype=torch.float64, seed=0):

@@ -15,23 +15,11 @@ from fastmargin.margins import (
     psi_grad,
     sphereface_lambda,
 )
+from helpers import assert_close
 
 # Tolerances beside the dtype: float64 is the oracle's precision; float32 allows the input
 # rounding (6e-8) times |psi'| (up to m^2 = 25 for SphereFace m=5) plus the -2k offset.
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
-
-
-def assert_close(got, want, atol, rtol=0.0, what="value"):
-    """Elementwise |got - want| <= atol + rtol*|want|; names the first bad index and both values."""
-    got = torch.as_tensor(got, dtype=torch.float64).detach().cpu()
-    want = torch.as_tensor(want, dtype=torch.float64).detach().cpu().expand_as(got)
-    bad = ~torch.isclose(got, want, atol=atol, rtol=rtol)
-    if bad.any():
-        i = tuple(bad.nonzero()[0].tolist())
-        raise AssertionError(
-            f"{what}: {int(bad.sum())} of {bad.numel()} differ; first at index {i}: "
-            f"got {got[i].item()!r}, expected {want[i].item()!r} (atol={atol}, rtol={rtol})"
-        )
 
 
 def margin_id(margin):

@@ -1,0 +1,25 @@
+"""Assertions shared by the tests: failures name the first bad index and both values."""
+
+import torch
+
+
+def assert_close(got, want, atol, rtol=0.0, what="value"):
+    """Elementwise |got - want| <= atol + rtol*|want| (want may be a scalar to broadcast)."""
+    got = torch.as_tensor(got, dtype=torch.float64).detach().cpu()
+    want = torch.as_tensor(want, dtype=torch.float64).detach().cpu()
+    assert got.shape == want.shape or want.dim() == 0, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    want = want.expand_as(got)
+    bad = ~torch.isclose(got, want, atol=atol, rtol=rtol)
+    if bad.any():
+        i = tuple(bad.nonzero()[0].tolist())
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.numel()} differ; first at index {i}: "
+            f"got {got[i].item()!r}, expected {want[i].item()!r} (atol={atol}, rtol={rtol})"
+        )
+
+
+def assert_finite(what, *tensors):
+    for t in tensors:
+        assert t is not None, f"{what}: no gradient"
+        bad = ~torch.isfinite(t)
+        assert not bad.any(), f"{what}: not finite at index {tuple(bad.nonzero()[0].tolist())}: {t[bad][0].item()}"
