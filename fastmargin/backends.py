@@ -58,6 +58,8 @@ def unavailable_reason(name: str, device: torch.device | None = None) -> str | N
     return _NOT_IMPLEMENTED.get(name)
 
 
+# torch.compile takes the pick as a constant instead of tracing the extension loading.
+@torch.compiler.assume_constant_result
 def select(name: str, device: torch.device) -> str:
     """The backend that will compute on `device`: `name` itself, or the pick of 'auto'."""
     if name != "auto" and name not in BACKENDS:

@@ -1,6 +1,7 @@
 """Input checks shared by the functional API and the modules; each error says what to do.
 
-The label range check reads the labels on the host: one device sync per call on a GPU.
+The label range check reads the labels on the host: one device sync per call on a GPU
+(under torch.compile it is an in-graph assertion instead, with a shorter message).
 NaN or inf in embeddings or weight is not checked (that would be a second sync): it
 propagates to the loss and gradients, as in torch.nn.functional.cross_entropy.
 """
@@ -97,7 +98,10 @@ def check_inputs(
         )
     num_classes = rows // sub_centers
     bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
-    if batch and bool(bad.any()):
+    if torch.compiler.is_compiling():
+        # A traced graph cannot branch on data: the check runs inside it instead.
+        torch._assert_async(~bad.any(), "labels must be class indices in [0, C) or ignore_index")
+    elif batch and bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise ValueError(
             f"labels[{i}] = {int(labels[i])} is outside [0, {num_classes}) and is not "
