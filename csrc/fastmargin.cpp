@@ -23,32 +23,28 @@ namespace {
 // The flat option list of fastmargin/fused.py's OPTIONS_SCHEMA, in its order.
 fastmargin::LossOptions loss_options(double scale, double m1, double m2, double m3, int64_t sphere_m,
                                      double sphere_lambda, bool clamp_theta, bool detached, int64_t sub_centers,
-                                     double label_smoothing, int64_t ignore_index, int64_t chunk) {
-  return {scale, m1, m2, m3, sphere_m, sphere_lambda, clamp_theta, detached, sub_centers, label_smoothing,
-          ignore_index, chunk};
+                                     int64_t chunk) {
+  return {scale, m1, m2, m3, sphere_m, sphere_lambda, clamp_theta, detached, sub_centers, chunk};
 }
 
-std::tuple<at::Tensor, at::Tensor> cpu_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
-                                               double scale, double m1, double m2, double m3, int64_t sphere_m,
-                                               double sphere_lambda, bool clamp_theta, bool detached,
-                                               int64_t sub_centers, double label_smoothing, int64_t ignore_index,
-                                               int64_t chunk) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_forward(const at::Tensor& x, const at::Tensor& w,
+                                                           const at::Tensor& labels, double scale, double m1,
+                                                           double m2, double m3, int64_t sphere_m,
+                                                           double sphere_lambda, bool clamp_theta, bool detached,
+                                                           int64_t sub_centers, int64_t chunk) {
   return fastmargin::margin_ce_cpu_forward(
-      x, w, labels,
-      loss_options(scale, m1, m2, m3, sphere_m, sphere_lambda, clamp_theta, detached, sub_centers, label_smoothing,
-                   ignore_index, chunk));
+      x, w, labels, loss_options(scale, m1, m2, m3, sphere_m, sphere_lambda, clamp_theta, detached, sub_centers, chunk));
 }
 
-std::tuple<at::Tensor, at::Tensor> cpu_backward(const at::Tensor& grad_rows, const at::Tensor& x,
-                                                const at::Tensor& w, const at::Tensor& labels, const at::Tensor& lse,
-                                                double scale, double m1, double m2, double m3, int64_t sphere_m,
+std::tuple<at::Tensor, at::Tensor> cpu_backward(const at::Tensor& grad_lse, const at::Tensor& grad_target,
+                                                const at::Tensor& grad_sum, const at::Tensor& x, const at::Tensor& w,
+                                                const at::Tensor& labels, const at::Tensor& lse, double scale,
+                                                double m1, double m2, double m3, int64_t sphere_m,
                                                 double sphere_lambda, bool clamp_theta, bool detached,
-                                                int64_t sub_centers, double label_smoothing, int64_t ignore_index,
-                                                int64_t chunk) {
+                                                int64_t sub_centers, int64_t chunk) {
   return fastmargin::margin_ce_cpu_backward(
-      grad_rows, x, w, labels, lse,
-      loss_options(scale, m1, m2, m3, sphere_m, sphere_lambda, clamp_theta, detached, sub_centers, label_smoothing,
-                   ignore_index, chunk));
+      grad_lse, grad_target, grad_sum, x, w, labels, lse,
+      loss_options(scale, m1, m2, m3, sphere_m, sphere_lambda, clamp_theta, detached, sub_centers, chunk));
 }
 
 // How this binary was compiled, read by fastmargin/_extension.py so that dispatch
@@ -85,9 +81,9 @@ pybind11::dict build_info() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_forward", &cpu_forward,
-        "Fused margin cross-entropy forward on the CPU: (loss_rows, lse), both (B,) (csrc/cpu/margin_ce.h).");
+        "Fused margin logits' row statistics on the CPU: (lse, z_target, z_sum), each (B,) (csrc/cpu/margin_ce.h).");
   m.def("cpu_backward", &cpu_backward,
-        "Its backward from d loss / d loss_rows: (dx, dw) (csrc/cpu/margin_ce.h).");
+        "Their backward: (dx, dw) from the statistics' gradients (csrc/cpu/margin_ce.h).");
   m.def("build_info", &build_info,
         "How fastmargin._C was compiled: CUDA and its version, OpenMP, compiler, torch.");
 }

@@ -1,8 +1,9 @@
 """Which backend computes a call: availability, the reason when not, and 'auto'.
 
-Every backend exposes the contract of fastmargin.reference.margin_cross_entropy:
-(embeddings, weight, labels, margin, scale, sub_centers, label_smoothing, ignore_index,
-reduction) -> (loss, lse). A fused backend is a torch.library custom op (DESIGN §4).
+Every backend computes the logits' row statistics with the contract of
+fastmargin.reference.row_statistics: (embeddings, weight, labels, margin, scale,
+sub_centers, chunk_size) -> (lse, z_target, z_sum); fastmargin.loss makes the loss. A fused
+backend is a torch.library custom op (DESIGN §4, fastmargin.fused).
 """
 
 from __future__ import annotations
@@ -80,12 +81,12 @@ def select(name: str, device: torch.device) -> str:
     return name
 
 
-def implementation(name: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """The function computing (loss, lse) for an available backend `name`."""
+def implementation(name: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The row_statistics function of an available backend `name`."""
     if name == "reference":
-        return reference.margin_cross_entropy
+        return reference.row_statistics
     if name == "cpu":
         from . import backend_cpu
 
-        return backend_cpu.margin_cross_entropy
+        return backend_cpu.row_statistics
     raise BackendUnavailableError(f"backend {name!r}: {_NOT_IMPLEMENTED[name]}")

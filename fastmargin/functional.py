@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import backends, checks
+from .loss import margin_cross_entropy as margin_cross_entropy_from
 from .margins import Margin
 
 
@@ -50,7 +51,8 @@ def margin_cross_entropy(
             ignored or B = 0), 'sum', or 'none' ((B,), 0 at ignored rows).
         backend: 'auto' (the fastest usable here), 'reference', 'cpu', 'triton', 'cuda'.
             Naming an unavailable backend raises BackendUnavailableError saying why.
-        return_lse: also return lse (B,), each row's log-sum-exp of the logits.
+        return_lse: also return lse (B,), each row's log-sum-exp of the logits (without a
+            margin at ignored rows), not differentiable.
         chunk_size: classes per block of a fused backend's walk over the classes (its
             peak memory is O(B * chunk_size)); None takes the backend's default. The
             reference materialises everything and ignores it.
@@ -70,10 +72,9 @@ def margin_cross_entropy(
     checks.check_inputs(embeddings, weight, labels, sub_centers, ignore_index)
     if chunk_size is not None:
         checks.check_positive_int("chunk_size", chunk_size)
-    name = backends.select(backend, embeddings.device)
-    tuning = {} if name == "reference" else {"chunk_size": chunk_size}
-    loss, lse = backends.implementation(name)(
-        embeddings, weight, labels.long(), margin, scale, sub_centers,
-        float(label_smoothing), ignore_index, reduction, **tuning,
+    row_statistics = backends.implementation(backends.select(backend, embeddings.device))
+    loss, lse = margin_cross_entropy_from(
+        row_statistics, embeddings, weight, labels, margin, scale, sub_centers,
+        float(label_smoothing), ignore_index, reduction, chunk_size,
     )
     return (loss, lse) if return_lse else loss

@@ -1,14 +1,18 @@
 """The oracle: margin cross-entropy on materialised logits with plain PyTorch autograd.
 
 Readable first, fast never: it holds several (B, C*K) tensors. Every backend is tested
-against it (in float64 where the backend has it). The math is DESIGN §1.
+against it (in float64 where the backend has it). The math is DESIGN §1. Like every
+backend it computes the logits' row statistics; fastmargin.loss turns them into the loss.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
+from . import loss
 from .margins import NORM_EPS, Margin, psi
 
 
@@ -28,7 +32,7 @@ def cosine_logits(embeddings: torch.Tensor, weight: torch.Tensor, sub_centers: i
     cos = x_hat @ w_hat.t()
     if sub_centers == 1:
         return cos
-    cos = cos.view(cos.shape[0], -1, sub_centers)
+    cos = cos.view(cos.shape[0], cos.shape[1] // sub_centers, sub_centers)
     best = cos.argmax(dim=2, keepdim=True)
     return cos.gather(2, best).squeeze(2)
 
@@ -58,44 +62,30 @@ def margin_logits(
     return z * scale
 
 
-def margin_cross_entropy(
+def row_statistics(
     embeddings: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
     margin: Margin,
     scale: float,
     sub_centers: int = 1,
-    label_smoothing: float = 0.0,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (loss, lse), both in the compute dtype (fp64 if an input is, else fp32).
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lse, z_target, z_sum), each (B,): log Σ_j exp z_ij, z_iy and Σ_j z_ij (DESIGN §1).
 
-    embeddings (B, D), weight (C*K, D) any strides, labels (B,) int64. loss is a scalar for
-    'mean' (over the rows that are not ignored; 0 when none is) and 'sum', (B,) for 'none'
-    (0 at ignored rows). lse (B,) is the log-sum-exp of each row's logits.
-    Inputs are assumed valid: fastmargin.functional checks them.
+    The backend contract (fastmargin.fused): embeddings (B, D), weight (C*K, D) any strides,
+    any float dtypes, computed in fp32 (fp64 if an input is); labels (B,) int64, a label
+    outside [0, C) meaning no target column here (no margin, z_target = 0). Differentiable
+    with autograd. chunk_size is a fused backend's knob: the reference holds every logit.
     """
     dtype = compute_dtype(embeddings, weight)
-    device_type = embeddings.device.type
-    with torch.autocast(device_type, enabled=False):
+    with torch.autocast(embeddings.device.type, enabled=False):
         z = margin_logits(embeddings.to(dtype), weight.to(dtype), labels, margin, scale, sub_centers)
-        lse = torch.logsumexp(z, dim=1)
-        valid = labels != ignore_index
-        target = torch.where(valid, labels, 0).unsqueeze(1)
-        nll = lse - z.gather(1, target).squeeze(1)
-        if label_smoothing:
-            nll = (1 - label_smoothing) * nll + label_smoothing * (lse - z.mean(dim=1))
-        return reduce_rows(torch.where(valid, nll, 0), valid, reduction), lse
+        has_target = (labels >= 0) & (labels < z.shape[1])
+        z_target = z.gather(1, torch.where(has_target, labels, 0).unsqueeze(1)).squeeze(1)
+        return torch.logsumexp(z, dim=1), torch.where(has_target, z_target, 0), z.sum(dim=1)
 
 
-def reduce_rows(per_row: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
-    """per_row (B,) with 0 at ignored rows, valid (B,) bool -> the reduced loss.
-
-    'mean' divides by the number of valid rows, at least 1: an all-ignored or empty batch
-    gives 0 with zero gradients (F.cross_entropy gives NaN there). No host sync.
-    """
-    if reduction == "none":
-        return per_row
-    total = per_row.sum()
-    return total if reduction == "sum" else total / valid.sum().clamp(min=1)
+# The whole loss on the reference's statistics: (embeddings, weight, labels, margin, scale,
+# sub_centers, label_smoothing, ignore_index, reduction) -> (loss, lse). The oracle of tests.
+margin_cross_entropy = functools.partial(loss.margin_cross_entropy, row_statistics)

@@ -73,12 +73,18 @@ inline float vexp(float x) {
 }
 inline double vexp(double x) { return std::exp(x); }
 
+// Items per thread of at::parallel_for for items of `work` elements each: at least
+// kParallelWork elements a thread, since waking a thread costs more than a small loop
+// (and far more on a loaded machine). Small problems run on the calling thread.
+constexpr int64_t kParallelWork = 1 << 15;
+inline int64_t grain(int64_t work) { return std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, work)); }
+
 // ||v_r|| and 1 / max(||v_r||, kNormEps) for the rows of v (R, D), any strides.
 template <typename T>
 void row_norms(const at::Tensor& v, T* norm, T* inv_norm) {
   const int64_t rows = v.size(0), dim = v.size(1), sr = v.stride(0), sd = v.stride(1);
   const T* p = v.data_ptr<T>();
-  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, std::max<int64_t>(64, grain(dim)), [&](int64_t r0, int64_t r1) {
     std::vector<T> acc(r1 - r0, T(0));
     if (sd == 1) {
       for (int64_t r = r0; r < r1; ++r) {
@@ -123,10 +129,10 @@ struct Walk {
   // S_i: s, or s * ||x_i|| for SphereFace.
   T row_scale(int64_t i) const { return T(opt.scale) * (margin.is_sphereface() ? x_norm[i] : T(1)); }
 
-  // The target's column in block [c0, c0 + n), or -1.
+  // The target's column in block [c0, c0 + n), or -1 (labels outside [0, C) have none).
   int64_t target_in_block(int64_t i, int64_t c0, int64_t n) const {
     const int64_t y = labels[i];
-    return (y != opt.ignore_index && y >= c0 && y < c0 + n) ? y - c0 : -1;
+    return (y >= c0 && y < c0 + n) ? y - c0 : -1;
   }
 
   // Computes the block's dots (B, n*K) = x @ w_blockᵀ and the block rows' norms.
@@ -207,7 +213,7 @@ FM_CPU_CLONES void forward_row(const Walk<T>& walk, const T* dots, int64_t i, in
 
 template <typename T>
 void forward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels, const LossOptions& opt,
-                  T* loss_rows, T* lse) {
+                  T* lse, T* z_target, T* z_sum) {
   Walk<T> walk(x, w, labels, opt);
   const int64_t B = walk.B, K = walk.K, C = walk.C;
   RowStats<T> stats(B);
@@ -215,45 +221,42 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& la
     const int64_t n = std::min(walk.chunk, C - c0);
     const at::Tensor w_block = w.narrow(0, c0 * K, n * K).to(x.scalar_type());
     T* dots = walk.load_block(x, w_block, n);
-    at::parallel_for(0, B, 8, [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, B, grain(n * K), [&](int64_t i0, int64_t i1) {
       RowScratch<T> scratch(n);
       for (int64_t i = i0; i < i1; ++i) forward_row(walk, dots + i * n * K, i, c0, n, scratch, stats);
     });
   }
-  const T eps = T(opt.label_smoothing);
   for (int64_t i = 0; i < B; ++i) {
     // A NaN logit can vanish from the running max (max(a, NaN) = a); z_sum keeps it.
-    const T z_sum = stats.z_sum[i];
-    lse[i] = std::isnan(z_sum) ? z_sum : stats.run_max[i] + std::log(stats.run_sum[i]);
-    const T nll = lse[i] - stats.z_target[i];
-    const T smooth = lse[i] - z_sum / T(C);
-    loss_rows[i] = walk.labels[i] == opt.ignore_index ? T(0) : (T(1) - eps) * nll + eps * smooth;
+    z_sum[i] = stats.z_sum[i];
+    lse[i] = std::isnan(z_sum[i]) ? z_sum[i] : stats.run_max[i] + std::log(stats.run_sum[i]);
+    z_target[i] = stats.z_target[i];
   }
 }
 
 // Row i of a backward block [c0, c0 + n): its dots (n*K,) are overwritten with dcos / r
-// (DESIGN §2), in the arg-max sub-center's column. g is the row's upstream weight.
+// (DESIGN §2), in the arg-max sub-center's column. (g_lse, g_target, g_sum) are the row's
+// gradients of (lse, z_target, z_sum): dz_ij = g_lse p_ij + g_target [j = y] + g_sum.
 // Returns the row's Σ_j dz_ij z_ij / S_i, SphereFace's gradient through the scale S_i.
 template <typename T>
-FM_CPU_CLONES T backward_row(const Walk<T>& walk, T* row, int64_t i, int64_t c0, int64_t n, T g, T lse_i,
-                             RowScratch<T>& scratch) {
+FM_CPU_CLONES T backward_row(const Walk<T>& walk, T* row, int64_t i, int64_t c0, int64_t n, T g_lse, T g_target,
+                             T g_sum, T lse_i, RowScratch<T>& scratch) {
   const int64_t K = walk.K;
-  const T eps = T(walk.opt.label_smoothing), uniform = eps / T(walk.C);
   T* c = scratch.cos.data();
   walk.row_cosines(row, i, n, c, scratch.best.data());
   const T s = walk.row_scale(i);
   const int64_t target = walk.target_in_block(i, c0, n);
-  // The target column: z = S psi(c), its one-hot weight 1 - eps, psi' on dcos.
+  // The target column: z = S psi(c), psi' on dcos.
   T e = T(0), dc_t = T(0);
   if (target >= 0) {
     const T zc = psi(c[target], walk.margin);
-    const T dz = g * (vexp(s * zc - lse_i) - (T(1) - eps) - uniform);
+    const T dz = g_lse * vexp(s * zc - lse_i) + g_target + g_sum;
     e = dz * zc;
     dc_t = s * dz * psi_grad(c[target], walk.margin);
   }
 #pragma omp simd reduction(+ : e)
   for (int64_t j = 0; j < n; ++j) {
-    const T dz = g * (vexp(s * c[j] - lse_i) - uniform);
+    const T dz = g_lse * vexp(s * c[j] - lse_i) + g_sum;
     e += j == target ? T(0) : dz * c[j];
     c[j] = j == target ? dc_t : s * dz;
   }
@@ -269,9 +272,48 @@ FM_CPU_CLONES T backward_row(const Walk<T>& walk, T* row, int64_t i, int64_t c0,
   return e;
 }
 
+// a_r -= w_r <w_r, a_r> / ||w_r||² for the rows of a block, turning A_j = dŵ_j / r_j into
+// dw_j (backward_impl). w_block and a share a layout: rows contiguous, or columns
+// contiguous (PML's W.t(), whose gradient is laid out like it).
 template <typename T>
-void backward_impl(const T* grad_rows, const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
-                   const T* lse, const LossOptions& opt, at::Tensor& dx, at::Tensor& dw) {
+void remove_radial(const Walk<T>& walk, const at::Tensor& w_block, at::Tensor& a) {
+  const int64_t rows = a.size(0), D = a.size(1);
+  const int64_t wr = w_block.stride(0), wd = w_block.stride(1), ar = a.stride(0), ad = a.stride(1);
+  const T* w = w_block.data_ptr<T>();
+  T* g = a.data_ptr<T>();
+  const bool by_rows = wd == 1 && ad == 1;
+  at::parallel_for(0, rows, std::max<int64_t>(by_rows ? 1 : 256, grain(D)), [&](int64_t r0, int64_t r1) {
+    std::vector<T> b(r1 - r0, T(0));
+    if (by_rows) {
+      for (int64_t r = r0; r < r1; ++r) {
+        T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+        for (int64_t d = 0; d < D; ++d) acc += w[r * wr + d] * g[r * ar + d];
+        b[r - r0] = acc;
+      }
+    } else {  // walk d outside so that reads run along the contiguous columns
+      for (int64_t d = 0; d < D; ++d)
+        for (int64_t r = r0; r < r1; ++r) b[r - r0] += w[r * wr + d * wd] * g[r * ar + d * ad];
+    }
+    for (int64_t r = r0; r < r1; ++r) {  // below kNormEps the norm is a constant: no radial term
+      b[r - r0] = walk.w_norm[r] < T(kNormEps) ? T(0) : b[r - r0] * walk.w_inv_norm[r] * walk.w_inv_norm[r];
+    }
+    if (by_rows) {
+      for (int64_t r = r0; r < r1; ++r) {
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) g[r * ar + d] -= w[r * wr + d] * b[r - r0];
+      }
+    } else {
+      for (int64_t d = 0; d < D; ++d)
+        for (int64_t r = r0; r < r1; ++r) g[r * ar + d * ad] -= w[r * wr + d * wd] * b[r - r0];
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const T* g_lse, const T* g_target, const T* g_sum, const at::Tensor& x, const at::Tensor& w,
+                   const at::Tensor& labels, const T* lse, const LossOptions& opt, at::Tensor& dx,
+                   at::Tensor& dw) {
   Walk<T> walk(x, w, labels, opt);
   const int64_t B = walk.B, D = walk.D, K = walk.K, C = walk.C;
   const at::Tensor x_norm_t = at::from_blob(walk.x_inv_norm.data(), {B, 1}, x.options());
@@ -288,40 +330,25 @@ void backward_impl(const T* grad_rows, const at::Tensor& x, const at::Tensor& w,
     const int64_t n = std::min(walk.chunk, C - c0), rows = n * K;
     const at::Tensor w_block = w.narrow(0, c0 * K, rows).to(x.scalar_type());
     T* dcos = walk.load_block(x, w_block, n);
-    at::parallel_for(0, B, 8, [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, B, grain(n * K), [&](int64_t i0, int64_t i1) {
       RowScratch<T> scratch(n);
       for (int64_t i = i0; i < i1; ++i) {
-        const T g = walk.labels[i] == opt.ignore_index ? T(0) : grad_rows[i];
-        norm_grad[i] += backward_row(walk, dcos + i * rows, i, c0, n, g, lse[i], scratch);
+        norm_grad[i] += backward_row(walk, dcos + i * rows, i, c0, n, g_lse[i], g_target[i], g_sum[i], lse[i],
+                                     scratch);
       }
     });
     const at::Tensor g_block = walk.dots.narrow(0, 0, B * rows).view({B, rows});
     dx_hat.addmm_(g_block, w_block);
     at::Tensor dw_block = same_dtype ? dw.narrow(0, c0 * K, rows) : dw_buffer.narrow(0, 0, rows);
     at::mm_out(dw_block, g_block.t(), x_hat);
-    const at::Tensor w_rows = w_block.contiguous();  // a copy only for a transposed W
-    const T* w_ptr = w_rows.data_ptr<T>();
-    T* dw_ptr = dw_block.data_ptr<T>();
-    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* u = w_ptr + r * D;
-        T* a = dw_ptr + r * D;
-        T b = T(0);
-#pragma omp simd reduction(+ : b)
-        for (int64_t d = 0; d < D; ++d) b += u[d] * a[d];
-        // Below kNormEps the norm is the constant kNormEps: no radial term.
-        b = walk.w_norm[r] < T(kNormEps) ? T(0) : b * walk.w_inv_norm[r] * walk.w_inv_norm[r];
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) a[d] -= u[d] * b;
-      }
-    });
+    remove_radial(walk, w_block, dw_block);
     if (!same_dtype) dw.narrow(0, c0 * K, rows).copy_(dw_block);
   }
   // dx_i = (dx̂_i - x̂_i <x̂_i, dx̂_i>) / n_i, plus SphereFace's s * norm_grad_i * x_i / n_i.
   const T* xh = x_hat.data_ptr<T>();
   const T* xp = x.data_ptr<T>();
   T* g = dx_hat.data_ptr<T>();
-  at::parallel_for(0, B, 16, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, B, grain(D), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       T a = T(0);
       for (int64_t d = 0; d < D; ++d) a += xh[i * D + d] * g[i * D + d];
@@ -333,14 +360,11 @@ void backward_impl(const T* grad_rows, const at::Tensor& x, const at::Tensor& w,
         g[i * D + d] = (g[i * D + d] - xh[i * D + d] * a) * inv + radial * xp[i * D + d];
     }
   });
-  dx = dx_hat;
-}
-
-void check_labels(const at::Tensor& labels, int64_t num_classes, int64_t ignore_index) {
-  const int64_t* y = labels.data_ptr<int64_t>();
-  for (int64_t i = 0; i < labels.numel(); ++i) {
-    TORCH_CHECK(y[i] == ignore_index || (y[i] >= 0 && y[i] < num_classes), "fastmargin cpu: labels[", i,
-                "] = ", y[i], " is outside [0, ", num_classes, ") and is not ignore_index=", ignore_index);
+  // dx like x (its strides when dense, as the fake implementation promises).
+  if (dx.is_contiguous() && dx.scalar_type() == dx_hat.scalar_type()) {
+    dx = dx_hat;
+  } else {
+    dx.copy_(dx_hat);
   }
 }
 
@@ -354,39 +378,46 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& la
   TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.size(0) == x.size(0),
               "fastmargin cpu: labels must be int64 of shape (", x.size(0), ",)");
   TORCH_CHECK(opt.chunk >= 1, "fastmargin cpu: chunk must be >= 1, got ", opt.chunk);
-  check_labels(labels.contiguous(), w.size(0) / opt.sub_centers, opt.ignore_index);
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> margin_ce_cpu_forward(const at::Tensor& x, const at::Tensor& w,
-                                                         const at::Tensor& labels, const LossOptions& opt) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_ce_cpu_forward(const at::Tensor& x, const at::Tensor& w,
+                                                                     const at::Tensor& labels,
+                                                                     const LossOptions& opt) {
   check_inputs(x, w, labels, opt);
   const at::Tensor xc = x.to(compute_type(x, w)).contiguous();
-  at::Tensor loss_rows = at::empty({x.size(0)}, xc.options());
   at::Tensor lse = at::empty({x.size(0)}, xc.options());
+  at::Tensor z_target = at::empty({x.size(0)}, xc.options());
+  at::Tensor z_sum = at::empty({x.size(0)}, xc.options());
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "margin_ce_cpu_forward", [&] {
-    forward_impl<scalar_t>(xc, w, labels.contiguous(), opt, loss_rows.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
+    forward_impl<scalar_t>(xc, w, labels.contiguous(), opt, lse.data_ptr<scalar_t>(), z_target.data_ptr<scalar_t>(),
+                           z_sum.data_ptr<scalar_t>());
   });
-  return {loss_rows, lse};
+  return {lse, z_target, z_sum};
 }
 
-std::tuple<at::Tensor, at::Tensor> margin_ce_cpu_backward(const at::Tensor& grad_rows, const at::Tensor& x,
+std::tuple<at::Tensor, at::Tensor> margin_ce_cpu_backward(const at::Tensor& grad_lse, const at::Tensor& grad_target,
+                                                          const at::Tensor& grad_sum, const at::Tensor& x,
                                                           const at::Tensor& w, const at::Tensor& labels,
                                                           const at::Tensor& lse, const LossOptions& opt) {
   check_inputs(x, w, labels, opt);
   const at::ScalarType type = compute_type(x, w);
   const at::Tensor xc = x.to(type).contiguous();
   // The upstream gradient of loss.sum() arrives expanded with stride 0: copy it.
-  const at::Tensor g = grad_rows.to(type).contiguous();
+  const at::Tensor g_lse = grad_lse.to(type).contiguous();
+  const at::Tensor g_target = grad_target.to(type).contiguous();
+  const at::Tensor g_sum = grad_sum.to(type).contiguous();
   const at::Tensor lse_c = lse.to(type).contiguous();
-  at::Tensor dx;
-  at::Tensor dw = at::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous));
+  // Gradients laid out like their inputs (empty_like keeps a dense tensor's strides): for
+  // PML's W.t() the gradient of W itself is then contiguous and autograd takes it as is.
+  at::Tensor dx = at::empty_like(x);
+  at::Tensor dw = at::empty_like(w);
   AT_DISPATCH_FLOATING_TYPES(type, "margin_ce_cpu_backward", [&] {
-    backward_impl<scalar_t>(g.data_ptr<scalar_t>(), xc, w, labels.contiguous(), lse_c.data_ptr<scalar_t>(), opt,
-                            dx, dw);
+    backward_impl<scalar_t>(g_lse.data_ptr<scalar_t>(), g_target.data_ptr<scalar_t>(), g_sum.data_ptr<scalar_t>(),
+                            xc, w, labels.contiguous(), lse_c.data_ptr<scalar_t>(), opt, dx, dw);
   });
-  return {dx.to(x.scalar_type()), dw};
+  return {dx, dw};
 }
 
 }  // namespace fastmargin
