@@ -55,10 +55,12 @@ def check_inputs(
     labels: torch.Tensor,
     sub_centers: int,
     ignore_index: int,
+    num_classes: int | None = None,
 ) -> int:
     """Checks shapes, dtypes, devices and label range; returns the number of classes C.
 
     embeddings (B, D) float, weight (C*K, D) float (any strides), labels (B,) integer.
+    num_classes: the label range when weight holds a shard of the classes (else C*K / K).
     """
     _check_float("embeddings", embeddings)
     _check_float("weight", weight)
@@ -96,7 +98,7 @@ def check_inputs(
             f"embeddings ({embeddings.device}), weight ({weight.device}) and labels ({labels.device}) "
             "must be on one device: move them with .to(device)"
         )
-    num_classes = rows // sub_centers
+    num_classes = rows // sub_centers if num_classes is None else num_classes
     bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
     if torch.compiler.is_compiling():
         # A traced graph cannot branch on data: the check runs inside it instead.

@@ -1,0 +1,208 @@
+"""Class-parallel margin loss on torch.distributed (DESIGN §5): insightface's PartialFC.
+
+Each rank holds the weight rows of its own range of classes. A step all-gathers the
+embeddings and labels of every rank, computes the logits' row statistics of its shard with
+any fastmargin backend (lse_r, z_target_r, z_sum_r: fastmargin.fused), and all-reduces
+them: lse = log Σ_r exp lse_r (a max and a sum), z_target and z_sum are sums, since a
+row's target column lives on one shard and every shard adds its logits. The loss built from
+those three B-vectors (fastmargin.loss) is the single-process loss over all the classes,
+the same value on every rank. Backward needs no statistics exchange: each rank's share of
+d loss / d lse_r is exp(lse_r - lse) times the (replicated) upstream gradient. The
+embedding gradient is summed over ranks and each rank keeps the rows of its own batch.
+
+Transport is torch.distributed (NCCL on GPUs, gloo on CPUs): nothing of our own.
+
+Communication per step, with B_r rows on rank r, B = Σ_r B_r, P ranks, D the embedding
+size: forward all-gathers the batch sizes (P integers), the embeddings (B·D floats, each
+rank's part padded to the largest B_r) and the labels (B int64), and all-reduces the row
+max (B floats) and the stacked sum of exp, target logit and logit sum (3·B floats);
+backward all-reduces the embedding gradient (B·D floats). insightface's PartialFC moves
+the same embeddings forward and the same gradients back (reduced to each owner, half an
+all-reduce's traffic) and all-reduces three B-vectors (max, sum of exp, target logit):
+the B·D terms dominate both, and neither moves anything of size B x C. bench/README.md
+has the figures against B, C, D and P.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from . import backends, checks
+from .loss import loss_from_statistics
+from .margins import Margin
+
+
+def class_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, end) of the classes rank `rank` holds: as even as possible, the first
+    num_classes % world_size ranks one class more."""
+    base, extra = divmod(num_classes, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+def _sizes(n: int, device: torch.device, group) -> list[int]:
+    size = torch.tensor([n], device=device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, size, group=group)
+    return [int(s) for s in sizes]
+
+
+def _all_gather_rows(t: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """Concatenate every rank's (n_r, ...) tensor; ranks may hold different n_r."""
+    padded = t.new_zeros((max(sizes), *t.shape[1:]))
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+class _GatherEmbeddings(torch.autograd.Function):
+    """All-gather with a backward that sums every rank's gradient of the gathered rows and
+    hands each rank the rows of its own embeddings."""
+
+    @staticmethod
+    def forward(ctx, x, sizes, group):
+        ctx.sizes, ctx.group = sizes, group
+        return _all_gather_rows(x, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        rank = dist.get_rank(ctx.group)
+        start = sum(ctx.sizes[:rank])
+        return grad[start : start + ctx.sizes[rank]], None, None
+
+
+class _CombineStatistics(torch.autograd.Function):
+    """(lse_r, z_target_r, z_sum_r) of this shard -> the statistics over all shards."""
+
+    @staticmethod
+    def forward(ctx, lse, z_target, z_sum, group):
+        row_max = lse.clone()
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        # A row with -inf everywhere (no classes on any shard) cannot occur: C >= 1.
+        sum_exp = torch.exp(lse - row_max)
+        sums = torch.stack([sum_exp, z_target, z_sum])
+        dist.all_reduce(sums, group=group)
+        total_lse = row_max + torch.log(sums[0])
+        ctx.save_for_backward(lse, total_lse)
+        return total_lse, sums[1], sums[2]
+
+    @staticmethod
+    def backward(ctx, g_lse, g_target, g_sum):
+        # Every rank holds the same loss and so the same upstream gradients: the local
+        # share is a local computation.
+        lse, total_lse = ctx.saved_tensors
+        return g_lse * torch.exp(lse - total_lse), g_target, g_sum, None
+
+
+def sample_classes(labels: torch.Tensor, num_local: int, sample_rate: float,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PartialFC's negative-class sampling on one shard.
+
+    labels (B,) local class indices, -1 where the target is not on this shard. Keeps every
+    class that is some row's target, then random others up to ceil(sample_rate * num_local)
+    classes. Returns (kept classes (S,), ascending; labels remapped into [0, S), -1 kept).
+    An approximation of the full loss: the softmax sums over the kept classes only.
+    """
+    positive = torch.zeros(num_local, dtype=torch.bool, device=labels.device)
+    positive[labels[labels >= 0]] = True
+    num_sample = max(int(positive.sum()), min(num_local, int(-(-sample_rate * num_local // 1))))
+    score = torch.rand(num_local, device=labels.device, generator=generator)
+    score[positive] = 2.0  # above every random score: positives always survive
+    kept = torch.topk(score, num_sample).indices.sort().values
+    remapped = torch.searchsorted(kept, labels.clamp(min=0))
+    return kept, torch.where(labels >= 0, remapped, -1)
+
+
+class PartialFC(torch.nn.Module):
+    """The margin loss with this rank's shard of the classifier (DESIGN §5).
+
+    Rank r holds classes [class_start, class_end) (fastmargin.distributed.class_range): its
+    `weight` is ((class_end - class_start) * sub_centers, embedding_size), the F.linear
+    layout, class-major sub-centers, initialised N(0, 0.01) as insightface's PartialFC.
+    forward(embeddings (B_r, D), labels (B_r,)) takes this rank's own batch (batch sizes may
+    differ between ranks) and returns the loss over the global batch, the same on every
+    rank; backward gives each rank the gradient of its own embeddings and of its shard.
+
+    The margin arguments are fastmargin.margin_cross_entropy's (radians). sample_rate < 1
+    turns on PartialFC's negative-class sampling (sample_classes): each step keeps every
+    class that is a target in the global batch and a random share of the others; 1.0 is the
+    exact loss. With sampling, label smoothing averages over the kept classes.
+    """
+
+    def __init__(self, num_classes: int, embedding_size: int, *, scale: float = 64.0,
+                 m1: float = 1.0, m2: float = 0.5, m3: float = 0.0, sphere_m: int | None = None,
+                 sphere_lambda: float = 0.0, sub_centers: int = 1, grad_mode: str = "exact",
+                 theta_policy: str = "fallback", label_smoothing: float = 0.0,
+                 ignore_index: int = -100, reduction: str = "mean", sample_rate: float = 1.0,
+                 backend: str = "auto", chunk_size: int | None = None, group=None) -> None:
+        super().__init__()
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("PartialFC needs torch.distributed initialised: call "
+                               "torch.distributed.init_process_group first (torchrun sets it up)")
+        self.num_classes = checks.check_positive_int("num_classes", num_classes)
+        self.embedding_size = checks.check_positive_int("embedding_size", embedding_size)
+        self.sub_centers = checks.check_positive_int("sub_centers", sub_centers)
+        self.margin = Margin(m1=m1, m2=m2, m3=m3, sphere_m=sphere_m, sphere_lambda=sphere_lambda,
+                             theta_policy=theta_policy, grad_mode=grad_mode)
+        self.scale = checks.check_scale(scale)
+        checks.check_options(label_smoothing, reduction, ignore_index)
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate={sample_rate!r} must be in (0, 1]")
+        self.label_smoothing, self.ignore_index, self.reduction = label_smoothing, ignore_index, reduction
+        self.sample_rate, self.backend, self.chunk_size, self.group = sample_rate, backend, chunk_size, group
+        self.world_size = dist.get_world_size(group)
+        if num_classes < self.world_size:
+            raise ValueError(f"num_classes={num_classes} < world size {self.world_size}: every rank needs a class")
+        self.rank = dist.get_rank(group)
+        self.class_start, self.class_end = class_range(num_classes, self.rank, self.world_size)
+        rows = (self.class_end - self.class_start) * self.sub_centers
+        self.weight = torch.nn.Parameter(torch.normal(0, 0.01, (rows, embedding_size)))
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """embeddings (B_r, D), labels (B_r,) of this rank -> the loss over every rank's rows."""
+        checks.check_inputs(embeddings, self.weight, labels, self.sub_centers, self.ignore_index,
+                            num_classes=self.num_classes)
+        sizes = _sizes(len(labels), embeddings.device, self.group)
+        x = _GatherEmbeddings.apply(embeddings, sizes, self.group)
+        labels = _all_gather_rows(labels.long(), sizes, self.group)
+        valid = labels != self.ignore_index
+        local = labels - self.class_start
+        local = torch.where(valid & (local >= 0) & (local < self.class_end - self.class_start), local, -1)
+        weight, num_classes = self.weight, self.num_classes
+        if self.sample_rate < 1.0 and self.training:
+            weight, local, num_classes = self._sampled(local)
+        row_statistics = backends.implementation(backends.select(self.backend, embeddings.device))
+        stats = row_statistics(x, weight, local, self.margin, self.scale, self.sub_centers, self.chunk_size)
+        lse, z_target, z_sum = _CombineStatistics.apply(*stats, self.group)
+        return loss_from_statistics(lse, z_target, z_sum, valid, num_classes, float(self.label_smoothing),
+                                    self.reduction)
+
+    def _sampled(self, local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        # Positives must be those of the whole global batch: `local` already is global.
+        kept, remapped = sample_classes(local, self.class_end - self.class_start, self.sample_rate)
+        k = self.sub_centers
+        rows = (kept.unsqueeze(1) * k + torch.arange(k, device=kept.device)).flatten()
+        count = torch.tensor([len(kept)], device=kept.device)
+        dist.all_reduce(count, group=self.group)
+        return self.weight.index_select(0, rows), remapped, int(count)
+
+    @torch.no_grad()
+    def full_weight(self) -> torch.Tensor | None:
+        """Every shard's rows gathered, (num_classes * K, D), on rank 0 (None elsewhere): for
+        export. A collective: every rank must call it."""
+        sizes = _sizes(self.weight.shape[0], self.weight.device, self.group)
+        full = _all_gather_rows(self.weight.detach(), sizes, self.group)
+        return full if self.rank == 0 else None
+
+    @torch.no_grad()
+    def load_full_weight(self, full: torch.Tensor) -> None:
+        """Copies this rank's rows out of a full (num_classes * K, D) weight."""
+        want = (self.num_classes * self.sub_centers, self.embedding_size)
+        if tuple(full.shape) != want:
+            raise ValueError(f"full weight has shape {tuple(full.shape)}, expected {want}")
+        k = self.sub_centers
+        self.weight.copy_(full[self.class_start * k : self.class_end * k])
