@@ -5,6 +5,7 @@ ArcFace, the combined margin) that never materialise the (B, C) logits.
     loss = fastmargin.margin_cross_entropy(x, W, y, m2=0.5)   # the functional form
 """
 
+from . import subcenter
 from .backends import BACKENDS, BackendUnavailableError
 from .functional import margin_cross_entropy
 from .margins import Margin
@@ -22,4 +23,5 @@ __all__ = [
     "SphereFaceLoss",
     "SubCenterArcFaceLoss",
     "margin_cross_entropy",
+    "subcenter",
 ]

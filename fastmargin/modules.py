@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import checks, reference
+from . import checks, reference, subcenter
 from .functional import margin_cross_entropy
 from .margins import Margin, sphereface_lambda
 
@@ -214,7 +214,7 @@ class SubCenterArcFaceLoss(_PMLMarginLoss):
     def get_outliers(self, embeddings: torch.Tensor, labels: torch.Tensor, threshold: float = 75,
                      return_dominant_centers: bool = True
                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """PML's outlier search, vectorised over classes.
+        """PML's outlier search, vectorised over classes (fastmargin.subcenter).
 
         For each class present in `labels`, the dominant sub-center is the one most of the
         class's samples are nearest to (ties: the lowest index); samples whose cosine to it
@@ -225,27 +225,13 @@ class SubCenterArcFaceLoss(_PMLMarginLoss):
         leaves uninitialised memory). Rows labelled ignore_index take no part. PML returns
         the tuple even when return_dominant_centers=False; we return what is asked.
         """
-        checks.check_inputs(embeddings, self.W.t(), labels, self.sub_centers, self.ignore_index)
-        k = self.sub_centers
-        labels = labels.long()
-        valid = labels != self.ignore_index
-        label_or_0 = torch.where(valid, labels, 0)
-        weight = self.W.t().to(embeddings.dtype)
-        cos = reference.cosine_logits(embeddings, weight, 1).view(len(labels), self.num_classes, k)
-        own = cos[torch.arange(len(labels), device=labels.device), label_or_0]  # (B, K)
-        votes = torch.zeros(self.num_classes, k, dtype=torch.long, device=labels.device)
-        votes.index_put_((label_or_0, own.argmax(dim=1)), valid.long(), accumulate=True)
-        dominant = votes.argmax(dim=1)  # (C,): the first of equal counts, as PML's argmax
-        to_dominant = own.gather(1, dominant[label_or_0].unsqueeze(1)).squeeze(1)
-        is_outlier = valid & (to_dominant < math.cos(math.radians(threshold)))
-        outliers = is_outlier.nonzero().flatten()
-        outliers = outliers[torch.sort(labels[outliers], stable=True).indices]
+        stats = subcenter.sub_center_stats(embeddings, self.W.t(), labels, self.sub_centers,
+                                           ignore_index=self.ignore_index)
+        outliers = stats.outliers(threshold)
         if not return_dominant_centers:
             return outliers
-        columns = torch.arange(self.num_classes, device=self.W.device) * k + dominant.to(self.W.device)
-        present = votes.sum(dim=1).to(self.W.device) > 0
-        dominant_centers = torch.where(present, self.W[:, columns], 0).to(embeddings.dtype)
-        return outliers, dominant_centers
+        dominant_centers = torch.where(stats.present, self.W[:, stats.dominant_rows()], 0)
+        return outliers, dominant_centers.to(embeddings.dtype)
 
 
 class CombinedMarginLoss(_MarginLoss):
