@@ -16,14 +16,16 @@ Communication per step, with B_r rows on rank r, B = Σ_r B_r, P ranks, D the em
 size: forward all-gathers the batch sizes (P integers), the embeddings (B·D floats, each
 rank's part padded to the largest B_r) and the labels (B int64), and all-reduces the row
 max (B floats) and the stacked sum of exp, target logit and logit sum (3·B floats);
-backward all-reduces the embedding gradient (B·D floats). insightface's PartialFC moves
-the same embeddings forward and the same gradients back (reduced to each owner, half an
-all-reduce's traffic) and all-reduces three B-vectors (max, sum of exp, target logit):
-the B·D terms dominate both, and neither moves anything of size B x C. bench/README.md
-has the figures against B, C, D and P.
+backward reduce-scatters the embedding gradient (B·D floats), each rank receiving the sum
+for its own rows. insightface's PartialFC moves the same embeddings forward and the same
+gradients back and all-reduces three B-vectors (max, sum of exp, target logit): the B·D
+terms dominate both, and neither moves anything of size B x C. bench/README.md has the
+figures against B, C, D and P.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -68,11 +70,15 @@ class _GatherEmbeddings(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        rank = dist.get_rank(ctx.group)
-        start = sum(ctx.sizes[:rank])
-        return grad[start : start + ctx.sizes[rank]], None, None
+        # Rank r needs only its own rows of the gradient summed over ranks: a reduce-scatter,
+        # half an all-reduce's traffic (DESIGN §5). Parts are padded to the largest batch.
+        rows = max(ctx.sizes)
+        parts = [grad.new_zeros(rows, *grad.shape[1:]) for _ in ctx.sizes]
+        for part, piece in zip(parts, grad.split(ctx.sizes)):
+            part[: len(piece)] = piece
+        mine = grad.new_empty(rows, *grad.shape[1:])
+        dist.reduce_scatter(mine, parts, group=ctx.group)
+        return mine[: ctx.sizes[dist.get_rank(ctx.group)]], None, None
 
 
 class _CombineStatistics(torch.autograd.Function):
@@ -109,7 +115,8 @@ def sample_classes(labels: torch.Tensor, num_local: int, sample_rate: float,
     """
     positive = torch.zeros(num_local, dtype=torch.bool, device=labels.device)
     positive[labels[labels >= 0]] = True
-    num_sample = max(int(positive.sum()), min(num_local, int(-(-sample_rate * num_local // 1))))
+    # round() first: 0.07 * 100 is 7.000000000000001 in floating point, whose ceil is 8.
+    num_sample = max(int(positive.sum()), min(num_local, math.ceil(round(sample_rate * num_local, 9))))
     score = torch.rand(num_local, device=labels.device, generator=generator)
     score[positive] = 2.0  # above every random score: positives always survive
     kept = torch.topk(score, num_sample).indices.sort().values
@@ -192,11 +199,26 @@ class PartialFC(torch.nn.Module):
 
     @torch.no_grad()
     def full_weight(self) -> torch.Tensor | None:
-        """Every shard's rows gathered, (num_classes * K, D), on rank 0 (None elsewhere): for
-        export. A collective: every rank must call it."""
+        """Every shard's rows, (num_classes * K, D), in rank 0's CPU memory (None elsewhere):
+        for export. A collective: every rank must call it."""
+        # Shard by shard to rank 0's CPU memory: no rank ever holds more than its own shard
+        # and one other on the device (an all-gather would put all of W on every device).
         sizes = _sizes(self.weight.shape[0], self.weight.device, self.group)
-        full = _all_gather_rows(self.weight.detach(), sizes, self.group)
-        return full if self.rank == 0 else None
+        if self.rank != 0:
+            dist.send(self.weight.detach().contiguous(), dist.get_global_rank(self._group(), 0), group=self.group)
+            return None
+        full = torch.empty(sum(sizes), self.embedding_size, dtype=self.weight.dtype)
+        full[: sizes[0]] = self.weight.detach().cpu()
+        start = sizes[0]
+        for rank, rows in enumerate(sizes[1:], start=1):
+            shard = self.weight.new_empty(rows, self.embedding_size)
+            dist.recv(shard, dist.get_global_rank(self._group(), rank), group=self.group)
+            full[start : start + rows] = shard.cpu()
+            start += rows
+        return full
+
+    def _group(self):
+        return self.group if self.group is not None else dist.group.WORLD
 
     @torch.no_grad()
     def load_full_weight(self, full: torch.Tensor) -> None:
