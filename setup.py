@@ -11,6 +11,7 @@ architectures (default "8.0;9.0", A100 and H100).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from collections.abc import Mapping, Sequence
 from glob import glob
@@ -65,10 +66,12 @@ def extension() -> Extension:
     include_dirs = [str(ROOT / "csrc")]
     cxx_flags = ["-O3", "-fopenmp"]
     if not with_cuda:
+        # build_info() reports the reason, so a missing 'cuda' backend says why.
         return CppExtension(
             "fastmargin._C",
             cpp_sources,
             include_dirs=include_dirs,
+            define_macros=[("FASTMARGIN_NO_CUDA_REASON", json.dumps(reason))],
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=["-fopenmp"],
         )

@@ -58,6 +58,7 @@ pybind11::dict build_info() {
 #else
   info["cuda"] = false;
   info["cuda_version"] = pybind11::none();
+  info["cuda_reason"] = FASTMARGIN_NO_CUDA_REASON;  // setup.py's decision, in words
 #endif
 #ifdef _OPENMP
   info["openmp"] = true;

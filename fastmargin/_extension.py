@@ -37,9 +37,10 @@ def unavailable_reason(part: str) -> str | None:
     ext, reason = _load()
     if ext is None:
         return reason
-    if part == "cuda" and not ext.build_info()["cuda"]:
+    info = ext.build_info()
+    if part == "cuda" and not info["cuda"]:
         return (
-            "fastmargin._C was built without CUDA (no nvcc/CUDA_HOME or a CPU build of torch "
-            "at install time, or FASTMARGIN_SKIP_CUDA_BUILD=1); reinstall on a machine with both"
+            f"fastmargin._C was built without CUDA ({info['cuda_reason']}); the CUDA kernels need "
+            "nvcc (CUDA_HOME at the toolkit) and a CUDA build of torch at install time"
         )
     return None

@@ -79,6 +79,7 @@ def test_cuda_backend_says_why_when_not_compiled(build_info):
         pytest.skip("this build has the CUDA kernels compiled in")
     reason = backends.unavailable_reason("cuda")
     assert reason is not None and "built without CUDA" in reason, reason
+    assert build_info["cuda_reason"] in reason, (build_info["cuda_reason"], reason)
 
 
 CU = ["csrc/cuda/k.cu"]
