@@ -18,8 +18,8 @@ start=$SECONDS
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   timeout 90 python -m fastmargin  # environment, backends, and a side-by-side at B=4096 C=100k D=512
 
-  echo "== tests: python -m pytest -q -m 'gpu or not gpu' tests (limit 200 s)"
-  timeout 200 python -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests
+  echo "== tests: python -m pytest -q -m 'gpu or not slow' tests (limit 200 s)"
+  timeout 200 python -m pytest -q -m "gpu or not slow" -p no:cacheprovider tests
   tests_rc=$?
   echo "== tests exit code: $tests_rc ($((SECONDS - start)) s so far)"
 
