@@ -1,18 +1,20 @@
-// Fused margin cross-entropy on the CPU: the classes are walked in blocks of `chunk`, so
-// nothing of size B x C ever exists (DESIGN §3, the class-chunked design).
+// Fused margin logits' row statistics on the CPU (lse, z_target, z_sum: csrc/cpu/margin_ce.h)
+// and their backward: the classes are walked in blocks of `chunk`, so nothing of size
+// B x C ever exists (DESIGN §3, the class-chunked design).
 //
 // Forward, per block: dots = x @ w_blockᵀ (ATen GEMM), then one pass per row turns the
 // dots into logits (cos = dot / (||x|| ||w||), max over the K sub-centers, psi on the
 // target, x S) and merges the block into the row's online log-sum-exp (max, sum of exp).
-// Backward recomputes each block's logits from the saved lse, writes dcos (DESIGN §2) over
-// the dots and feeds two GEMMs: dX̂ += dcos @ Ŵ_block and dŴ_block = dcosᵀ @ X̂. The
-// normalisation terms need a_i = Σ_j dcos_ij cos_ij and b_j = Σ_i dcos_ij cos_ij; since
-// cos_ij = <x̂_i, ŵ_j>, a_i = <x̂_i, dX̂_i> and b_j = <ŵ_j, dŴ_j>: two O((B + C) D) dots
-// after the GEMMs instead of sums over the B x C block.
+// Backward recomputes each block's logits from the saved lse, writes dcos / r (DESIGN §2)
+// over the dots and feeds two GEMMs: dX̂ += G @ W_block and A_block = Gᵀ @ X̂ with
+// G = dcos / r. The normalisation terms need a_i = Σ_j dcos_ij cos_ij and
+// b_j = Σ_i dcos_ij cos_ij; since cos_ij = <x̂_i, ŵ_j>, a_i = <x̂_i, dX̂_i> and
+// b_j = <ŵ_j, dŴ_j>: O((B + C) D) dots after the GEMMs instead of sums over the block.
 //
 // Deterministic at any thread count: rows are independent, each row's sums run in a
 // fixed order, and the GEMMs are MKL's (bitwise stable across thread counts here; the
-// determinism test guards it).
+// determinism test guards it). The row loops are compiled per instruction set
+// (FM_CPU_CLONES), so bits may differ between machines, not between runs.
 #include "cpu/margin_ce.h"
 
 #include <ATen/ATen.h>
