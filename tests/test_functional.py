@@ -2,6 +2,7 @@
 and the input checks (fastmargin.checks), each error asserted by its message."""
 
 import math
+import os
 import re
 
 import pytest
@@ -111,6 +112,8 @@ def test_reference_is_always_available():
 
 @pytest.mark.parametrize("name", ["cuda", "triton"])
 def test_gpu_backend_with_cpu_tensors_raises(name):
+    if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("under TRITON_INTERPRET=1 (tests/conftest.py) Triton's kernels run on CPU tensors")
     x, w, y = inputs()
     usable = [b for b in BACKENDS if backends.unavailable_reason(b, CPU) is None]
     assert name not in usable
@@ -119,6 +122,16 @@ def test_gpu_backend_with_cpu_tensors_raises(name):
     message = str(info.value)
     assert re.search(rf"backend '{name}'.*cuda tensors.*on cpu", message), message
     assert f"Usable here: {usable}" in message, message
+
+
+def test_triton_runs_on_cpu_tensors_when_interpreted():
+    """Under the interpreter (TRITON_INTERPRET=1 at import, tests/conftest.py without a GPU)
+    'triton' takes CPU tensors, and 'auto' still picks the CPU kernel for them."""
+    from fastmargin.kernels import launch
+
+    reason = backends.unavailable_reason("triton", CPU)
+    assert (reason is None) == launch.INTERPRET, reason
+    assert backends.select("auto", CPU) != "triton"
 
 
 def test_unknown_backend_lists_the_names():

@@ -1,0 +1,120 @@
+"""What the forward and backward launchers share: input checks, the tile configuration,
+the dtypes, the norms and the class splits.
+
+The configuration is fixed per (dtype, device kind), not autotuned: an autotuner picks by
+timing, and a different pick is a different summation order, so results could change from
+one process to the next. Blocks are powers of two and at least 16 where tl.dot needs it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from fastmargin.margins import NORM_EPS, Margin
+from fastmargin.reference import compute_dtype
+
+from . import margin as margin_math
+
+# triton.jit reads TRITON_INTERPRET when a kernel is defined, that is when this package is
+# imported: kernels run on CPU tensors, in numpy, if it was "1" then.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+             torch.float64: tl.float64}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Tile sizes and launch options (kernels/tiles.py describes the tile)."""
+
+    BLOCK_B: int    # rows of a tile
+    BLOCK_C: int    # classes of a tile; BLOCK_C * K_PAD weight rows
+    K_PAD: int      # sub-centers per class, rounded up to a power of two
+    BLOCK_D: int    # the slice of D that one step of a tile's dot loads
+    BLOCK_DO: int   # the slice of D of a backward program's output (dx or dW)
+    num_warps: int
+    num_stages: int
+
+    def meta(self, with_output_block: bool = False) -> dict:
+        keys = ("BLOCK_B", "BLOCK_C", "K_PAD", "BLOCK_D") + (("BLOCK_DO",) if with_output_block else ())
+        return {k: getattr(self, k) for k in keys} | {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+def config(D: int, K: int, dtype: torch.dtype, backward: bool) -> Config:
+    """Tiles of 64 rows; 128 weight rows forward, 64 backward with outputs of up to 256
+    columns of D. For bf16 on sm_90 these are the largest that ptxas fits in 255 registers
+    a thread at 8 warps without spilling (the backward's dW kernel spills 192 bytes); 64 x 128
+    x 256 backward spills 4 KB (tests/test_triton.py::test_compiles_for_sm90 prints them).
+    fp64 tiles are a quarter. Under the interpreter mid-sized tiles: numpy's cost is per
+    tile, and tests still cross tile edges on small shapes."""
+    k_pad = triton.next_power_of_2(K)
+    if INTERPRET:
+        rows, n, block_d, block_do = 32, 64, 64, 64
+    elif dtype == torch.float64:
+        rows, n, block_d, block_do = 32, 32, 32, 64
+    else:
+        rows, n, block_d, block_do = 64, 64 if backward else 128, 64, 256
+    block_d = min(block_d, max(16, triton.next_power_of_2(D)))
+    block_do = min(block_do, max(16, triton.next_power_of_2(D)))
+    block_c = max(1, n // k_pad)
+    return Config(rows, block_c, k_pad, block_d, block_do, num_warps=4 if INTERPRET else 8, num_stages=2)
+
+
+def margin_meta(scale, m1, m2, m3, sphere_m, sphere_lambda, clamp_theta, detached, x, w):
+    """The fused ops' margin options as the params tensor (kernels/margin.py) and the
+    kernels' margin meta-parameters."""
+    margin = Margin(m1=m1, m2=m2, m3=m3, sphere_m=sphere_m or None, sphere_lambda=sphere_lambda,
+                    theta_policy="clamp" if clamp_theta else "fallback",
+                    grad_mode="detached" if detached else "exact")
+    params = margin_math.margin_params(margin, scale, compute_dtype(x, w), x.device)
+    return params, dict(KIND=margin_math.kind(margin), SPHERE_M=max(1, sphere_m), CLAMP_THETA=clamp_theta)
+
+
+def check(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, sub_centers: int) -> None:
+    """The op's own checks (fastmargin.checks has the user-facing ones, with more words)."""
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"fastmargin triton: x must be (B, D) and w (C*K, D), got {tuple(x.shape)} and {tuple(w.shape)}")
+    if sub_centers < 1 or w.shape[0] < sub_centers or w.shape[0] % sub_centers:
+        raise ValueError(f"fastmargin triton: w has {w.shape[0]} rows, not a positive multiple of sub_centers={sub_centers}")
+    if labels.dtype != torch.int64 or labels.shape != (x.shape[0],):
+        raise ValueError(f"fastmargin triton: labels must be int64 of shape ({x.shape[0]},)")
+    if not (x.device == w.device == labels.device):
+        raise ValueError(f"fastmargin triton: x, w and labels are on {x.device}, {w.device}, {labels.device}")
+    if x.device.type != ("cpu" if INTERPRET else "cuda"):
+        raise ValueError(f"fastmargin triton: tensors on {x.device.type}, the kernels run on "
+                         + ("CPU tensors (TRITON_INTERPRET=1)" if INTERPRET else "CUDA tensors"))
+
+
+def dtypes(x: torch.Tensor, w: torch.Tensor) -> dict:
+    """Kernel meta-parameters for the dtypes: ACC_DTYPE (fp32, or fp64 when an input is),
+    DOT_DTYPE (the inputs' dtype if they share one, else ACC_DTYPE), UPCAST (see
+    tiles.dot_acc) and PRECISION (tf32 for fp32 dots only where torch allows it)."""
+    acc = compute_dtype(x, w)
+    dot = x.dtype if x.dtype == w.dtype else acc
+    tf32 = dot == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32
+    return dict(
+        ACC_DTYPE=TL_DTYPES[acc], DOT_DTYPE=TL_DTYPES[dot],
+        UPCAST=INTERPRET and dot in (torch.float16, torch.bfloat16), PRECISION="tf32" if tf32 else "ieee",
+    )
+
+
+def norms(v: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """||v_r|| and 1 / max(||v_r||, NORM_EPS), (R,) each in `dtype`, read in v's dtype (no
+    upcast copy of v is made)."""
+    norm = torch.linalg.vector_norm(v, dim=1, dtype=dtype)
+    return norm, 1.0 / norm.clamp(min=NORM_EPS)
+
+
+def split_size(num_classes: int, chunk: int, row_blocks: int, cfg: Config, device: torch.device) -> int:
+    """Classes per program of the walks over the classes (forward and dx): `chunk` if given,
+    else enough splits of the classes for two waves of programs, in whole tiles."""
+    if chunk <= 0:
+        units = 1 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
+        splits = max(1, min(triton.cdiv(num_classes, cfg.BLOCK_C), triton.cdiv(2 * units, row_blocks)))
+        chunk = triton.cdiv(num_classes, splits)
+    return triton.cdiv(chunk, cfg.BLOCK_C) * cfg.BLOCK_C

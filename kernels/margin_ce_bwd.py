@@ -1,0 +1,190 @@
+"""Backward: dx and dW of the row statistics, recomputing each cosine tile from the saved
+lse (DESIGN §2-3), deterministic without atomics.
+
+With dcos from kernels/tiles.py and the norm folded into the GEMM operand,
+
+    dx̂_i = Σ_j dcos_ij ŵ_j = Σ_j (dcos_ij / r_j) w_j,   dŵ_j = Σ_i (dcos_ij / n_i) x_i,
+
+then dx_i = (dx̂_i - x̂_i a_i) / n_i with a_i = <x̂_i, dx̂_i> = Σ_j dcos_ij cos_ij, and
+dw_j = (dŵ_j - ŵ_j b_j) / r_j with b_j = Σ_i dcos_ij cos_ij (no normalised copy of x or W).
+
+Two kernels, each owning what it writes: dx programs (row block, slice of D, class split)
+walk their split's class tiles and write a partial dx̂ to a (splits, B, D) buffer that
+the launcher sums in a fixed order; dW programs (class tile, slice of D) walk every row
+block and write their dW rows once. Each recomputes the tile's cosines (one GEMM) and
+does one more, so forward + backward is 5 GEMMs of 2 B C D FLOPs (the 4-GEMM variant
+shares the recomputation between dx and dW, but then one of them needs atomics).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastmargin.margins import NORM_EPS
+from fastmargin.reference import compute_dtype
+
+from . import launch
+from .tiles import class_rows, cos_tile, dcos_tile, dot_acc, row_scales, spread
+
+_NORM_EPS = tl.constexpr(NORM_EPS)
+
+
+@triton.jit
+def margin_ce_bwd_dx_kernel(
+    # inputs: x (B, D), w (C*K, D), labels (B,) int64; norms (B,), (B,), (C*K,); params (11,)
+    x_ptr, w_ptr, labels_ptr, x_norm_ptr, x_inv_norm_ptr, w_inv_norm_ptr, params_ptr,
+    # lse and the gradients of the three statistics, (B,) each, contiguous, ACC_DTYPE
+    lse_ptr, g_lse_ptr, g_target_ptr, g_sum_ptr,
+    # outputs: partial dx̂ (splits, B, D) and Σ_j dz_ij zc_ij (splits, B), ACC_DTYPE
+    dx_hat_ptr, norm_grad_ptr,
+    B, C, D, K, split_size,
+    stride_xb, stride_xd, stride_wn, stride_wd,
+    KIND: tl.constexpr, SPHERE_M: tl.constexpr, CLAMP_THETA: tl.constexpr, DETACHED: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, K_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    rows = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_valid = rows < B
+    labels = tl.load(labels_ptr + rows, mask=row_valid, other=-1)
+    x_inv_norm = tl.load(x_inv_norm_ptr + rows, mask=row_valid, other=0.0)
+    row_scale = row_scales(params_ptr, x_norm_ptr, rows, row_valid, KIND, BLOCK_B, ACC_DTYPE)
+    lse = tl.load(lse_ptr + rows, mask=row_valid, other=0.0)
+    g_lse = tl.load(g_lse_ptr + rows, mask=row_valid, other=0.0)
+    g_target = tl.load(g_target_ptr + rows, mask=row_valid, other=0.0)
+    g_sum = tl.load(g_sum_ptr + rows, mask=row_valid, other=0.0)
+    d_out = pid_d.to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+
+    dx_hat = tl.zeros((BLOCK_B, BLOCK_DO), ACC_DTYPE)
+    norm_grad = tl.zeros((BLOCK_B,), ACC_DTYPE)
+    c_start = pid_s * split_size
+    c_end = tl.minimum(c_start + split_size, C)
+    for c0 in range(c_start, c_end, BLOCK_C):
+        _cos_n, cos, best = cos_tile(
+            x_ptr, w_ptr, w_inv_norm_ptr, x_inv_norm, rows, c0, B, C, D, K,
+            stride_xb, stride_xd, stride_wn, stride_wd,
+            BLOCK_B, BLOCK_C, K_PAD, BLOCK_D, ACC_DTYPE, DOT_DTYPE, UPCAST, PRECISION,
+        )
+        cols = c0 + tl.arange(0, BLOCK_C)
+        dcos, dz_zc = dcos_tile(cos, cols, C, labels, row_valid, row_scale, lse, g_lse, g_target, g_sum,
+                                params_ptr, KIND, SPHERE_M, CLAMP_THETA, DETACHED)
+        norm_grad += tl.sum(dz_zc, axis=1)
+        w_row, n_valid = class_rows(c0, C, K, BLOCK_C, K_PAD)
+        w_inv_norm = tl.load(w_inv_norm_ptr + w_row, mask=n_valid, other=0.0)
+        g = spread(dcos, best, BLOCK_B, BLOCK_C, K_PAD) * w_inv_norm[None, :]
+        w = tl.load(w_ptr + w_row[:, None] * stride_wn + d_out[None, :] * stride_wd,
+                    mask=n_valid[:, None] & (d_out < D)[None, :], other=0.0)
+        dx_hat = dot_acc(g, w, dx_hat, DOT_DTYPE, UPCAST, PRECISION)
+
+    out = pid_s.to(tl.int64) * B + rows
+    tl.store(dx_hat_ptr + out[:, None] * D + d_out[None, :], dx_hat, mask=row_valid[:, None] & (d_out < D)[None, :])
+    if pid_d == 0:
+        tl.store(norm_grad_ptr + out, norm_grad, mask=row_valid)
+
+
+@triton.jit
+def margin_ce_bwd_dw_kernel(
+    # inputs as margin_ce_bwd_dx_kernel's, and w's norms (C*K,)
+    x_ptr, w_ptr, labels_ptr, x_norm_ptr, x_inv_norm_ptr, w_norm_ptr, w_inv_norm_ptr, params_ptr,
+    lse_ptr, g_lse_ptr, g_target_ptr, g_sum_ptr,
+    # output: dw (C*K, D), w's dtype, its own strides
+    dw_ptr,
+    B, C, D, K,
+    stride_xb, stride_xd, stride_wn, stride_wd, stride_dwn, stride_dwd,
+    KIND: tl.constexpr, SPHERE_M: tl.constexpr, CLAMP_THETA: tl.constexpr, DETACHED: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, K_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    c0 = pid_c * BLOCK_C
+    cols = c0 + tl.arange(0, BLOCK_C)
+    w_row, n_valid = class_rows(c0, C, K, BLOCK_C, K_PAD)
+    d_out = pid_d.to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+
+    dw_hat = tl.zeros((BLOCK_C * K_PAD, BLOCK_DO), ACC_DTYPE)  # Σ_i (dcos_ij / n_i) x_i = dŵ_j
+    radial = tl.zeros((BLOCK_C * K_PAD,), ACC_DTYPE)          # b_j = Σ_i dcos_ij cos_ij
+    for r0 in range(0, B, BLOCK_B):
+        rows = r0 + tl.arange(0, BLOCK_B).to(tl.int64)
+        row_valid = rows < B
+        labels = tl.load(labels_ptr + rows, mask=row_valid, other=-1)
+        x_inv_norm = tl.load(x_inv_norm_ptr + rows, mask=row_valid, other=0.0)
+        row_scale = row_scales(params_ptr, x_norm_ptr, rows, row_valid, KIND, BLOCK_B, ACC_DTYPE)
+        lse = tl.load(lse_ptr + rows, mask=row_valid, other=0.0)
+        g_lse = tl.load(g_lse_ptr + rows, mask=row_valid, other=0.0)
+        g_target = tl.load(g_target_ptr + rows, mask=row_valid, other=0.0)
+        g_sum = tl.load(g_sum_ptr + rows, mask=row_valid, other=0.0)
+        cos_n, cos, best = cos_tile(
+            x_ptr, w_ptr, w_inv_norm_ptr, x_inv_norm, rows, c0, B, C, D, K,
+            stride_xb, stride_xd, stride_wn, stride_wd,
+            BLOCK_B, BLOCK_C, K_PAD, BLOCK_D, ACC_DTYPE, DOT_DTYPE, UPCAST, PRECISION,
+        )
+        dcos, _dz_zc = dcos_tile(cos, cols, C, labels, row_valid, row_scale, lse, g_lse, g_target, g_sum,
+                                 params_ptr, KIND, SPHERE_M, CLAMP_THETA, DETACHED)
+        g = spread(dcos, best, BLOCK_B, BLOCK_C, K_PAD)
+        radial += tl.sum(g * cos_n, axis=0)
+        x = tl.load(x_ptr + rows[:, None] * stride_xb + d_out[None, :] * stride_xd,
+                    mask=row_valid[:, None] & (d_out < D)[None, :], other=0.0)
+        dw_hat = dot_acc(tl.trans(g * x_inv_norm[:, None]), x, dw_hat, DOT_DTYPE, UPCAST, PRECISION)
+
+    # dw_j = (dŵ_j - w_j b_j / r_j) / r_j; below NORM_EPS the norm is a constant, no radial term.
+    w_norm = tl.load(w_norm_ptr + w_row, mask=n_valid, other=1.0)
+    w_inv_norm = tl.load(w_inv_norm_ptr + w_row, mask=n_valid, other=0.0)
+    radial = tl.where(w_norm < _NORM_EPS, 0.0, radial * w_inv_norm)
+    tile = n_valid[:, None] & (d_out < D)[None, :]
+    w = tl.load(w_ptr + w_row[:, None] * stride_wn + d_out[None, :] * stride_wd, mask=tile, other=0.0)
+    dw = (dw_hat - w.to(ACC_DTYPE) * radial[:, None]) * w_inv_norm[:, None]
+    tl.store(dw_ptr + w_row[:, None] * stride_dwn + d_out[None, :] * stride_dwd,
+             dw.to(dw_ptr.dtype.element_ty), mask=tile)
+
+
+def backward(g_lse, g_target, g_sum, x, w, labels, lse,
+             scale, m1, m2, m3, sphere_m, sphere_lambda, clamp_theta, detached, sub_centers, chunk):
+    """(dx, dw) for the upstream gradients (B,) of (lse, z_target, z_sum) (fastmargin.fused's
+    contract): dx like x, dw like w (dtype and, when dense, strides)."""
+    launch.check(x, w, labels, sub_centers)
+    dtype = compute_dtype(x, w)
+    B, D = x.shape
+    C = w.shape[0] // sub_centers
+    dw = torch.empty_like(w)
+    if B == 0:
+        return torch.empty_like(x), dw.zero_()
+    params, margin_meta = launch.margin_meta(scale, m1, m2, m3, sphere_m, sphere_lambda, clamp_theta, detached, x, w)
+    meta = dict(**margin_meta, DETACHED=detached, **launch.dtypes(x, w))
+    x_norm, x_inv_norm = launch.norms(x, dtype)
+    w_norm, w_inv_norm = launch.norms(w, dtype)
+    rows = (labels.contiguous(), x_norm, x_inv_norm)
+    # The gradient of loss.sum() arrives with stride 0: the kernels read contiguous vectors.
+    vectors = tuple(v.to(dtype).contiguous() for v in (lse, g_lse, g_target, g_sum))
+    cfg = launch.config(D, sub_centers, dtype, backward=True)
+    row_blocks, d_blocks = triton.cdiv(B, cfg.BLOCK_B), triton.cdiv(D, cfg.BLOCK_DO)
+    split = launch.split_size(C, chunk, row_blocks, cfg, x.device)
+    splits = triton.cdiv(C, split)
+    strides = (x.stride(0), x.stride(1), w.stride(0), w.stride(1))
+
+    dx_hat = x.new_empty(splits, B, D, dtype=dtype)
+    norm_grad = x.new_empty(splits, B, dtype=dtype)
+    margin_ce_bwd_dx_kernel[(row_blocks, d_blocks, splits)](
+        x, w, *rows, w_inv_norm, params, *vectors, dx_hat, norm_grad,
+        B, C, D, sub_centers, split, *strides, **meta, **cfg.meta(with_output_block=True),
+    )
+    margin_ce_bwd_dw_kernel[(triton.cdiv(C, cfg.BLOCK_C), d_blocks)](
+        x, w, *rows, w_norm, w_inv_norm, params, *vectors, dw,
+        B, C, D, sub_centers, *strides, dw.stride(0), dw.stride(1), **meta, **cfg.meta(with_output_block=True),
+    )
+
+    # dx_i = (dx̂_i - x̂_i a_i) / n_i, a_i = <x̂_i, dx̂_i> (0 below NORM_EPS, as for dW), plus
+    # SphereFace's gradient through S_i = s ||x_i||: s Σ_j dz_ij zc_ij x_i / ||x_i||.
+    dx_hat = dx_hat.sum(dim=0)
+    x_hat = x.to(dtype) * x_inv_norm[:, None]
+    a = torch.where(x_norm < NORM_EPS, 0.0, (x_hat * dx_hat).sum(dim=1))
+    dx = (dx_hat - x_hat * a[:, None]) * x_inv_norm[:, None]
+    if sphere_m:
+        dx += x.to(dtype) * torch.where(x_norm > 0, scale * norm_grad.sum(dim=0) / x_norm, 0.0)[:, None]
+    return torch.empty_like(x).copy_(dx), dw
