@@ -104,7 +104,8 @@ FM_HD T psi_grad(T cos, const MarginParams& p) {
   }
   if (c < T(p.cos_theta_limit)) return p.clamp_theta ? T(0) : T(1);
   const T angle = T(p.m1) * std::acos(c) + T(p.m2);
-  return T(p.m1) * std::sin(angle) / std::sqrt(T(1) - c * c);
+  // sin(theta) as sqrt((1 - c)(1 + c)): 1 - c is exact near c = 1, where 1 - c*c cancels.
+  return T(p.m1) * std::sin(angle) / std::sqrt((T(1) - c) * (T(1) + c));
 }
 
 }  // namespace fastmargin

@@ -207,6 +207,7 @@ def psi_grad(cos: torch.Tensor, margin: Margin) -> torch.Tensor:
         lam = margin.sphere_lambda
         return (lam + grad) / (1 + lam) if lam else grad
     angle = margin.m1 * torch.acos(c) + margin.m2
-    inside = margin.m1 * torch.sin(angle) / torch.sqrt(1 - c * c)
+    # sin(theta) as sqrt((1 - c)(1 + c)): 1 - c is exact near c = 1, where 1 - c*c cancels.
+    inside = margin.m1 * torch.sin(angle) / torch.sqrt((1 - c) * (1 + c))
     beyond = 1.0 if margin.theta_policy == "fallback" else 0.0
     return torch.where(c < margin.cos_theta_limit, torch.full_like(c, beyond), inside)

@@ -54,9 +54,9 @@ def config(D: int, K: int, dtype: torch.dtype, backward: bool) -> Config:
     tile, and tests still cross tile edges on small shapes."""
     k_pad = triton.next_power_of_2(K)
     if INTERPRET:
-        rows, n, block_d, block_do = 32, 64, 64, 64
+        rows, n, block_d, block_do = 32, 128, 64, 64
     elif dtype == torch.float64:
-        rows, n, block_d, block_do = 32, 32, 32, 64
+        rows, n, block_d, block_do = 32, 128, 64, 64
     else:
         rows, n, block_d, block_do = 64, 64 if backward else 128, 64, 256
     block_d = min(block_d, max(16, triton.next_power_of_2(D)))

@@ -88,6 +88,13 @@ def acos(c):
 
 
 @triton.jit
+def clamp_cos(cos, params_ptr):
+    """cos clamped to [-1 + COS_EPS, 1 - COS_EPS], NaN kept NaN (as torch.clamp does)."""
+    return tl.clamp(cos, tl.load(params_ptr + P_COS_LO), tl.load(params_ptr + P_COS_HI),
+                    propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _chebyshev_t_u(c, SPHERE_M: tl.constexpr):
     """T_m(c) = cos(m theta) and U_{m-1}(c) = sin(m theta) / sin(theta), by recurrence."""
     t_prev = tl.full(c.shape, 1.0, c.dtype)
@@ -119,14 +126,14 @@ def psi(cos, params_ptr, KIND: tl.constexpr, SPHERE_M: tl.constexpr, CLAMP_THETA
     m3 = tl.load(params_ptr + P_M3)
     if KIND == ADDITIVE:
         return cos - m3
-    c = tl.minimum(tl.maximum(cos, tl.load(params_ptr + P_COS_LO)), tl.load(params_ptr + P_COS_HI))
+    c = clamp_cos(cos, params_ptr)
     if KIND == SPHERE:
         t, _u = _chebyshev_t_u(c, SPHERE_M)
         sign, k = _sphere_sign_k(c, SPHERE_M)
         lam = tl.load(params_ptr + P_LAMBDA)
         return (lam * c + (sign * t - 2.0 * k)) / (1.0 + lam)
-    if KIND == ARC:  # cos(theta + m2) = c cos(m2) - sin(theta) sin(m2)
-        inside = c * tl.load(params_ptr + P_COS_M2) - tl.sqrt(1.0 - c * c) * tl.load(params_ptr + P_SIN_M2)
+    if KIND == ARC:  # cos(theta + m2) = c cos(m2) - sin(theta) sin(m2), sin(theta) as in psi_grad
+        inside = c * tl.load(params_ptr + P_COS_M2) - tl.sqrt((1.0 - c) * (1.0 + c)) * tl.load(params_ptr + P_SIN_M2)
     else:
         inside = tl.cos(tl.load(params_ptr + P_M1) * acos(c) + tl.load(params_ptr + P_M2))
     if CLAMP_THETA:
@@ -142,13 +149,13 @@ def psi_grad(cos, params_ptr, KIND: tl.constexpr, SPHERE_M: tl.constexpr, CLAMP_
     """psi'(cos) elementwise, in closed form (DESIGN §2; fastmargin.margins.psi_grad)."""
     if DETACHED or KIND == ADDITIVE:
         return tl.full(cos.shape, 1.0, cos.dtype)
-    c = tl.minimum(tl.maximum(cos, tl.load(params_ptr + P_COS_LO)), tl.load(params_ptr + P_COS_HI))
+    c = clamp_cos(cos, params_ptr)
     if KIND == SPHERE:
         _t, u = _chebyshev_t_u(c, SPHERE_M)
         sign, _k = _sphere_sign_k(c, SPHERE_M)
         lam = tl.load(params_ptr + P_LAMBDA)
         return (lam + SPHERE_M * sign * u) / (1.0 + lam)
-    sin_theta = tl.sqrt(1.0 - c * c)
+    sin_theta = tl.sqrt((1.0 - c) * (1.0 + c))  # 1 - c is exact near c = 1, where 1 - c*c cancels
     if KIND == ARC:  # sin(theta + m2) / sin(theta) = cos(m2) + sin(m2) c / sin(theta)
         inside = tl.load(params_ptr + P_COS_M2) + tl.load(params_ptr + P_SIN_M2) * c / sin_theta
     else:

@@ -54,7 +54,7 @@ def margin_ce_fwd_kernel(
             BLOCK_B, BLOCK_C, K_PAD, BLOCK_D, ACC_DTYPE, DOT_DTYPE, UPCAST, PRECISION,
         )
         cols = c0 + tl.arange(0, BLOCK_C)
-        zc, is_target, _cos_target = logits(cos, cols, labels, params_ptr, KIND, SPHERE_M, CLAMP_THETA)
+        zc, is_target, _cos_target = logits(cos, cols, C, labels, params_ptr, KIND, SPHERE_M, CLAMP_THETA)
         z = tl.where((cols < C)[None, :], row_scale[:, None] * zc, float("-inf"))
         z_target += tl.sum(tl.where(is_target, z, 0.0), axis=1)
         z_sum += tl.sum(tl.where((cols < C)[None, :], z, 0.0), axis=1)

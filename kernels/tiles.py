@@ -79,6 +79,8 @@ def cos_tile(x_ptr, w_ptr, w_inv_norm_ptr, x_inv_norm, rows, c0, B, C, D, K,
     # Padded sub-centers and missing classes get -2, below any cosine, so they never win.
     cos3 = tl.reshape(tl.where(n_valid[None, :], cos_n, -2.0), (BLOCK_B, BLOCK_C, K_PAD))
     cos = tl.max(cos3, axis=2)
+    # tl.max may drop a NaN; torch's max over the sub-centers (the reference) keeps it.
+    cos = tl.where(tl.max((cos3 != cos3).to(tl.int32), axis=2) > 0, float("nan"), cos)
     k = tl.arange(0, K_PAD)
     best = tl.min(tl.where(cos3 == cos[:, :, None], k[None, None, :], K_PAD), axis=2)
     return cos_n, cos, best
@@ -96,10 +98,12 @@ def spread(v, best, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, K_PAD: tl.cons
 
 
 @triton.jit
-def logits(cos, cols, labels, params_ptr, KIND: tl.constexpr, SPHERE_M: tl.constexpr, CLAMP_THETA: tl.constexpr):
-    """zc = z / S (BLOCK_B, BLOCK_C): cos, with psi(cos) in each row's target column; and
-    that column's mask. psi runs on one cosine a row, not on the tile."""
-    is_target = cols[None, :] == labels[:, None]
+def logits(cos, cols, C, labels, params_ptr, KIND: tl.constexpr, SPHERE_M: tl.constexpr,
+           CLAMP_THETA: tl.constexpr):
+    """zc = z / S (BLOCK_B, BLOCK_C): cos, with psi(cos) in each row's target column; that
+    column's mask (never a padded column: a label C, no target here, must not match one);
+    and the target's cosine (BLOCK_B,). psi runs on one cosine a row, not on the tile."""
+    is_target = (cols[None, :] == labels[:, None]) & (cols < C)[None, :]
     cos_target = tl.sum(tl.where(is_target, cos, 0.0), axis=1)
     psi_target = psi(cos_target, params_ptr, KIND, SPHERE_M, CLAMP_THETA)
     return tl.where(is_target, psi_target[:, None], cos), is_target, cos_target
@@ -112,7 +116,7 @@ def dcos_tile(cos, cols, C, labels, row_valid, row_scale, lse, g_lse, g_target, 
     + g_sum_i and p_ij = exp(z_ij - lse_i); and dz * zc, whose row sums are SphereFace's
     gradient through S_i = s ||x_i||. Both are 0 outside the B x C block: a where, not a
     product, since exp(S zc - lse) of a padded row (lse = 0) may overflow to inf."""
-    zc, is_target, cos_target = logits(cos, cols, labels, params_ptr, KIND, SPHERE_M, CLAMP_THETA)
+    zc, is_target, cos_target = logits(cos, cols, C, labels, params_ptr, KIND, SPHERE_M, CLAMP_THETA)
     p = tl.exp(row_scale[:, None] * zc - lse[:, None])
     dz = g_lse[:, None] * p + tl.where(is_target, g_target[:, None], 0.0) + g_sum[:, None]
     dz = tl.where(row_valid[:, None] & (cols < C)[None, :], dz, 0.0)

@@ -124,11 +124,11 @@ def upstream_weights(n, seed=1):
     return torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2 - 0.5
 
 
-def check_against_reference(x, w, y, tol, what="", **kwargs):
-    """The cpu backend on (x, w) against the reference on the same values in float64:
+def check_against_reference(x, w, y, tol, what="", backend="cpu", **kwargs):
+    """A fused backend on (x, w) against the reference on the same values in float64:
     loss, lse, dx, dW, each within tol relative. Returns both results."""
     upstream = upstream_weights(len(y))
-    got = run("cpu", x, w, y, upstream, **kwargs)
+    got = run(backend, x, w, y, upstream, **kwargs)
     want = run("reference", x.double(), w.double(), y, upstream, **kwargs)
     dtype = reference.compute_dtype(x, w)
     assert got[0].dtype == dtype and got[1].dtype == dtype, f"{what}: loss {got[0].dtype}, lse {got[1].dtype}"
@@ -158,13 +158,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def backend():
+    """The fused backend under test. tests/test_triton.py overrides it and runs these tests
+    (those whose cost suits the Triton interpreter) on 'triton'."""
+    return "cpu"
+
+
 # ---------------------------------------------------------------- every margin, both grad modes
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("grad_mode", GRAD_MODES)
 @pytest.mark.parametrize("name", list(MARGINS))
-def test_margins_match_reference(name, grad_mode, dtype):
+def test_margins_match_reference(name, grad_mode, dtype, backend):
     kwargs = dict(MARGINS[name], grad_mode=grad_mode)
     margin = margin_of(kwargs)
     x, w, y = geometric_inputs(dtype=dtype)
@@ -172,7 +179,7 @@ def test_margins_match_reference(name, grad_mode, dtype):
     hit = set(branches(x, w, y, 1, margin).tolist())
     expected = set(range(margin.sphere_m)) if margin.is_sphereface else {0} if margin.is_additive_cosine else {0, 1}
     assert hit == expected, f"{name}: target cosines fall in branches {sorted(hit)}, not {sorted(expected)}"
-    check_against_reference(x, w, y, TOL[dtype], what=f"{name} {grad_mode}", chunk_size=CHUNK, **kwargs)
+    check_against_reference(x, w, y, TOL[dtype], what=f"{name} {grad_mode}", chunk_size=CHUNK, **kwargs, backend=backend)
 
 
 # ---------------------------------------------------------------- options: K, smoothing, ignore_index, reduction
@@ -203,12 +210,12 @@ def option_inputs(K, ignore_index, ignored, dtype):
 @pytest.mark.parametrize("grad_mode", GRAD_MODES)
 @pytest.mark.parametrize("K, smoothing, ignore_index, ignored, reduction", OPTIONS)
 @pytest.mark.parametrize("name", OPTION_MARGINS)
-def test_options_match_reference(name, K, smoothing, ignore_index, ignored, reduction, grad_mode, dtype):
+def test_options_match_reference(name, K, smoothing, ignore_index, ignored, reduction, grad_mode, dtype, backend):
     x, w, y = option_inputs(K, ignore_index, ignored, dtype)
     got, _ = check_against_reference(
         x, w, y, TOL[dtype], what=f"{name} K={K} eps={smoothing} {reduction} {grad_mode}",
         sub_centers=K, label_smoothing=smoothing, ignore_index=ignore_index, reduction=reduction,
-        chunk_size=CHUNK, grad_mode=grad_mode, **MARGINS[name],
+        chunk_size=CHUNK, grad_mode=grad_mode, **MARGINS[name], backend=backend
     )
     if ignored:  # ignored rows: no loss, no gradient
         assert_close(got[2][ignored], 0.0, atol=0.0, what="d loss / d x at ignored rows")
@@ -222,18 +229,18 @@ def test_options_match_reference(name, K, smoothing, ignore_index, ignored, redu
 @pytest.mark.parametrize("K", [1, 2, 3, 4])
 @pytest.mark.parametrize("grad_mode", GRAD_MODES)
 @pytest.mark.parametrize("name", list(MARGINS))
-def test_options_sweep(name, grad_mode, K, reduction, dtype):
+def test_options_sweep(name, grad_mode, K, reduction, dtype, backend):
     """Every margin x grad mode x K x reduction, with label smoothing and ignored rows on."""
     x, w, y = option_inputs(K, -100, [3, 17], dtype)
     check_against_reference(
         x, w, y, TOL[dtype], what=f"{name} K={K} {reduction} {grad_mode}", sub_centers=K,
-        label_smoothing=0.1, reduction=reduction, chunk_size=CHUNK, grad_mode=grad_mode, **MARGINS[name],
+        label_smoothing=0.1, reduction=reduction, chunk_size=CHUNK, grad_mode=grad_mode, **MARGINS[name], backend=backend
     )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("K", [2, 4])
-def test_subcenter_gradient_goes_to_the_argmax_only(K, dtype):
+def test_subcenter_gradient_goes_to_the_argmax_only(K, dtype, backend):
     """dW rows of sub-centers that are the arg-max for no (row, class) pair are exactly 0.
     Every embedding lies in the positive orthant and the upper half of each class's
     sub-centers points near minus their mean direction, so those never win."""
@@ -246,20 +253,20 @@ def test_subcenter_gradient_goes_to_the_argmax_only(K, dtype):
     winners = F.one_hot(cos.view(12, 40, K).argmax(2), K).sum(0).flatten() > 0  # (C*K,)
     assert not winners[dead].any(), "a dead sub-center is an arg-max: the test's geometry is off"
     got, _ = check_against_reference(x, w, y, TOL[dtype], what=f"K={K}", sub_centers=K, m2=0.5,
-                                     label_smoothing=0.1, chunk_size=7)
+                                     label_smoothing=0.1, chunk_size=7, backend=backend)
     assert_close(got[3][~winners], 0.0, atol=0.0, what="dW rows of sub-centers that are never the arg-max")
     assert (got[3][winners].abs().sum(1) > 0).all(), "an arg-max sub-center got no gradient"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_subcenter_exact_tie_goes_to_the_first(dtype):
+def test_subcenter_exact_tie_goes_to_the_first(dtype, backend):
     """Bitwise-equal sub-centers (a class initialised with K copies of one vector) tie
     exactly; the gradient goes to the first of them, as the reference's argmax does."""
     x, w, y = geometric_inputs(B=9, C=20, D=8, K=3, dtype=dtype, seed=4)
     w.view(20, 3, 8)[:5] = w.view(20, 3, 8)[:5, :1]  # classes 0-4: three copies of sub-center 0
     y[:5] = torch.arange(5)
     got, _ = check_against_reference(x, w, y, TOL[dtype], what="tied sub-centers", sub_centers=3, m2=0.5,
-                                     chunk_size=7)
+                                     chunk_size=7, backend=backend)
     tied = got[3].view(20, 3, 8)[:5]
     assert_close(tied[:, 1:], 0.0, atol=0.0, what="dW of the second and third copies")
     assert (tied[:, 0].abs().sum(1) > 0).all(), "the first copy got no gradient"
@@ -270,24 +277,24 @@ def test_subcenter_exact_tie_goes_to_the_first(dtype):
 
 @pytest.mark.parametrize("K", [1, 2, 3, 4])
 @pytest.mark.parametrize("chunk", [1, 7, 64, 4096])
-def test_chunk_sizes(chunk, K):
+def test_chunk_sizes(chunk, K, backend):
     """chunk 1 (a block per class), 7 and 64 (ragged last block: 1001 = 143*7 = 15*64 + 41)
     and 4096 > C (one block): all equal to the reference."""
     x, w, y = option_inputs(K, -100, [8], torch.float64)
     check_against_reference(x, w, y, TOL[torch.float64], what=f"chunk={chunk} K={K}", sub_centers=K,
-                            label_smoothing=0.1, reduction="none", chunk_size=chunk, m1=1.2, m2=0.3, m3=0.2)
+                            label_smoothing=0.1, reduction="none", chunk_size=chunk, m1=1.2, m2=0.3, m3=0.2, backend=backend)
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 2), (5, 2, 130), (129, 257, 33), (300, 13, 5)],
                          ids=lambda v: "B={}-C={}-D={}".format(*v))
-def test_ragged_shapes(shape):
+def test_ragged_shapes(shape, backend):
     """More shapes around the chunk of 7: B = 1, C < chunk, D > 128, B > C."""
     b, c, d = shape
     g = torch.Generator().manual_seed(2)
     x, w = torch.randn(b, d, generator=g, dtype=torch.float64), torch.randn(c, d, generator=g, dtype=torch.float64)
     y = torch.randint(0, c, (b,), generator=g)
     check_against_reference(x, w, y, TOL[torch.float64], what=f"B={b} C={c} D={d}", chunk_size=7, m2=0.5,
-                            label_smoothing=0.1)
+                            label_smoothing=0.1, backend=backend)
 
 
 # ---------------------------------------------------------------- ignored rows, empty batches
@@ -296,14 +303,14 @@ def test_ragged_shapes(shape):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("case", ["all-ignored", "empty"])
 @pytest.mark.parametrize("name", ["arcface", "sphere-m3-lambda"])
-def test_all_ignored_and_empty(name, case, reduction):
+def test_all_ignored_and_empty(name, case, reduction, backend):
     """Loss 0 with exactly zero gradients (a mean over no rows is 0, not NaN); lse as the reference."""
     n = 0 if case == "empty" else 5
     x, w, y = geometric_inputs(B=n, C=11, D=6, K=2)
     y[:] = -100
     upstream = upstream_weights(n)
     kwargs = dict(sub_centers=2, label_smoothing=0.1, reduction=reduction, chunk_size=4, **MARGINS[name])
-    loss, lse, dx, dw = run("cpu", x, w, y, upstream, **kwargs)
+    loss, lse, dx, dw = run(backend, x, w, y, upstream, **kwargs)
     assert loss.shape == ((n,) if reduction == "none" else ())
     assert_close(loss, torch.zeros(loss.shape), atol=0.0, what=f"{case} loss")
     assert_close(dx, torch.zeros(n, 6), atol=0.0, what=f"{case} d loss / d x")
@@ -313,13 +320,13 @@ def test_all_ignored_and_empty(name, case, reduction):
     assert_rel(lse, want_lse, TOL[torch.float64], f"{case} lse")
 
 
-def test_lse_of_ignored_rows_labelled_with_a_class():
+def test_lse_of_ignored_rows_labelled_with_a_class(backend):
     """ignore_index may name a real class. An ignored row has no target column in any backend
     (the functional passes it as label -1), so its lse is that of the plain scaled cosines."""
     x, w, y = geometric_inputs(B=4, C=6, D=5)
     ignore = int(y[0])  # row 0's own class, 0.1 rad away: a margin would move its logit by ~10
     kwargs = dict(m2=0.5, ignore_index=ignore, reduction="none", return_lse=True)
-    _, got = fastmargin.margin_cross_entropy(x, w, y, backend="cpu", **kwargs)
+    _, got = fastmargin.margin_cross_entropy(x, w, y, backend=backend, **kwargs)
     _, want = fastmargin.margin_cross_entropy(x, w, y, backend="reference", **kwargs)
     assert_rel(got, want, TOL[torch.float64], f"lse with ignore_index={ignore}, a real class")
     plain = torch.logsumexp(64.0 * reference.cosine_logits(x, w, 1)[0], dim=0)
@@ -335,7 +342,7 @@ EDGE_MARGINS = ["arcface", "arcface-clamp", "cosface", "combined", "combined-m1=
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("grad_mode", GRAD_MODES)
 @pytest.mark.parametrize("name", EDGE_MARGINS)
-def test_cos_plus_minus_one(name, grad_mode, dtype):
+def test_cos_plus_minus_one(name, grad_mode, dtype, backend):
     """Embeddings equal to (cos = 1), a multiple of (cos = 1) and opposite to (cos = -1) their
     class row: the clamp to 1 - COS_EPS (DESIGN §1) keeps loss and gradients finite, and they
     equal the reference. s = 4 keeps the cos = 1 rows' softmax away from saturation, so psi'
@@ -347,7 +354,7 @@ def test_cos_plus_minus_one(name, grad_mode, dtype):
     assert_close(cos, torch.tensor([1.0, 1.0, -1.0, -1.0]), atol=10 * torch.finfo(dtype).eps, what="target cosines")
     kwargs = dict(MARGINS[name], grad_mode=grad_mode, scale=4.0, reduction="none", chunk_size=4)
     if dtype == torch.float64:
-        got, _ = check_against_reference(x, w, y, TOL[dtype], what=f"{name} at |cos| = 1", **kwargs)
+        got, _ = check_against_reference(x, w, y, TOL[dtype], what=f"{name} at |cos| = 1", **kwargs, backend=backend)
     else:
         # In float32 1 - COS_EPS rounds to 1 - 1.19e-7, and psi (slope ~1e3 there) moves by
         # ~2e-5; the target term of the gradient is two ~s*psi' sized vectors that cancel
@@ -355,7 +362,7 @@ def test_cos_plus_minus_one(name, grad_mode, dtype):
         # here, so the kernel is held to STYLE's rule: its error against the fp64 reference
         # is at most 3x the fp32 reference's, plus TOL.
         upstream = upstream_weights(4)
-        got = run("cpu", x, w, y, upstream, **kwargs)
+        got = run(backend, x, w, y, upstream, **kwargs)
         same_dtype = run("reference", x, w, y, upstream, **kwargs)
         exact = run("reference", x.double(), w.double(), y, upstream, **kwargs)
         for label, a, b, c in zip(("loss", "lse", "d loss / d x", "d loss / d W"), got, same_dtype, exact):
@@ -367,7 +374,7 @@ def test_cos_plus_minus_one(name, grad_mode, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", EDGE_MARGINS)
-def test_zero_rows(name, dtype):
+def test_zero_rows(name, dtype, backend):
     """A zero embedding (row 0) and a zero weight row (row 2): norms are max(||v||, NORM_EPS),
     as F.normalize's, so cos = 0 there and the gradients are finite but huge (x 1/NORM_EPS =
     1e12). The huge rows and the ordinary ones are compared separately, so the ordinary
@@ -377,7 +384,7 @@ def test_zero_rows(name, dtype):
     w[2] = 0
     y[1] = 2  # the zero weight row is a target too
     got, want = check_against_reference(x, w, y, TOL[dtype], what=f"{name} zero rows", reduction="none",
-                                        chunk_size=4, **MARGINS[name])
+                                        chunk_size=4, **MARGINS[name], backend=backend)
     assert_finite(f"{name} zero rows", *got)
     for (label, a, b), rows in zip(
         [("d loss / d x", got[2], want[2]), ("d loss / d W", got[3], want[3])], ([0], [2])
@@ -394,7 +401,7 @@ def test_zero_rows(name, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("where", ["embedding", "weight"])
-def test_nan_propagates(where, dtype):
+def test_nan_propagates(where, dtype, backend):
     """NaN is not checked for (fastmargin.checks): it propagates as in the reference. A NaN
     embedding row poisons its own loss and lse only; a NaN weight row every row's (the online
     max can drop a NaN, the kernel's sum of logits keeps it)."""
@@ -404,7 +411,7 @@ def test_nan_propagates(where, dtype):
     else:
         w[7, 3] = math.nan
     kwargs = dict(m2=0.5, reduction="none", return_lse=True, chunk_size=4)
-    loss, lse = fastmargin.margin_cross_entropy(x, w, y, backend="cpu", **kwargs)
+    loss, lse = fastmargin.margin_cross_entropy(x, w, y, backend=backend, **kwargs)
     want_loss, want_lse = fastmargin.margin_cross_entropy(x.double(), w.double(), y, backend="reference", **kwargs)
     for label, a, b in (("loss", loss, want_loss), ("lse", lse, want_lse)):
         nan = torch.isnan(b)
@@ -417,7 +424,7 @@ def test_nan_propagates(where, dtype):
 
 
 @pytest.mark.parametrize("K", [1, 2])
-def test_transposed_weight(K):
+def test_transposed_weight(K, backend):
     """A (D, C*K) weight passed as .t() (pytorch-metric-learning's layout) gives its
     contiguous copy's loss and gradients within 1e-12, and the reference's."""
     x, w, y = geometric_inputs(K=K)
@@ -426,15 +433,15 @@ def test_transposed_weight(K):
     kwargs = dict(m2=0.5, sub_centers=K, label_smoothing=0.1, reduction="none", chunk_size=CHUNK)
     upstream = upstream_weights(B)
     x_t, w_t = x.clone().requires_grad_(True), w_dc.clone().requires_grad_(True)
-    loss_t, lse_t = fastmargin.margin_cross_entropy(x_t, w_t.t(), y, backend="cpu", return_lse=True, **kwargs)
+    loss_t, lse_t = fastmargin.margin_cross_entropy(x_t, w_t.t(), y, backend=backend, return_lse=True, **kwargs)
     (loss_t * upstream).sum().backward()
-    got_c, _ = check_against_reference(x, w, y, TOL[torch.float64], what=f"contiguous K={K}", **kwargs)
+    got_c, _ = check_against_reference(x, w, y, TOL[torch.float64], what=f"contiguous K={K}", **kwargs, backend=backend)
     for label, a, b in zip(("loss", "lse", "d loss / d x", "d loss / d W"),
                            (loss_t, lse_t, x_t.grad, w_t.grad.t()), got_c):
         assert_rel(a, b, 1e-12, f"W.t() vs contiguous: {label}")
     # the gradient is laid out like the input it belongs to: PML's (D, C) W gets a contiguous one
     assert w_t.grad.is_contiguous(), f"grad of the (D, C) weight has strides {w_t.grad.stride()}"
-    check_against_reference(x, w_dc.t(), y, TOL[torch.float64], what=f"W.t() K={K}", **kwargs)
+    check_against_reference(x, w_dc.t(), y, TOL[torch.float64], what=f"W.t() K={K}", **kwargs, backend=backend)
 
 
 @pytest.mark.parametrize("x_dtype, w_dtype, tol", [
@@ -444,7 +451,7 @@ def test_transposed_weight(K):
     pytest.param(torch.float32, torch.float64, 1e-7, id="fp32-x-fp64-W"),  # fp64 inside, dx rounded to fp32
 ])
 @pytest.mark.parametrize("layout", ["column-major", "strided"])
-def test_strided_inputs(layout, x_dtype, w_dtype, tol):
+def test_strided_inputs(layout, x_dtype, w_dtype, tol, backend):
     """Embeddings, weight and labels as views (column-major, or every other column and row):
     equal to the reference, and dense (column-major) inputs get gradients of their strides."""
     x, w, y = geometric_inputs(K=2)
@@ -461,11 +468,11 @@ def test_strided_inputs(layout, x_dtype, w_dtype, tol):
     kwargs = dict(sub_centers=2, m2=0.5, label_smoothing=0.1, reduction="none", chunk_size=CHUNK)
     if x_dtype == torch.bfloat16:  # half inputs: against the fp32 kernel on the same values
         upstream = upstream_weights(B)
-        got, want = run("cpu", xv, wv, yv, upstream, **kwargs), run("cpu", xv.float(), wv, y, upstream, **kwargs)
+        got, want = run(backend, xv, wv, yv, upstream, **kwargs), run(backend, xv.float(), wv, y, upstream, **kwargs)
         for label, a, b in zip(("loss", "lse", "d loss / d x", "d loss / d W"), got, want):
             assert_rel(a, b, tol if label == "d loss / d x" else 1e-6, f"{layout} bf16 x: {label}")
     else:
-        got, _ = check_against_reference(xv, wv, yv, tol, what=f"{layout}", **kwargs)
+        got, _ = check_against_reference(xv, wv, yv, tol, what=f"{layout}", **kwargs, backend=backend)
     for label, grad, tensor in (("d loss / d x", got[2], xv), ("d loss / d W", got[3], wv)):
         if layout == "column-major":
             assert grad.stride() == tensor.stride(), f"{label}: strides {grad.stride()}, input {tensor.stride()}"
@@ -477,7 +484,7 @@ def test_strided_inputs(layout, x_dtype, w_dtype, tol):
     pytest.param(torch.bfloat16, torch.float32, 2**-7, id="bf16-x-fp32-W"),
 ])
 @pytest.mark.parametrize("name", ["arcface", "sphere-m3-lambda"])
-def test_half_inputs(name, x_dtype, w_dtype, tol):
+def test_half_inputs(name, x_dtype, w_dtype, tol, backend):
     """Half inputs are computed in fp32 (DESIGN §3): the loss and lse are float32 and equal the
     fp32 kernel's on the rounded inputs; gradients come back in each input's dtype, within
     the dtype's rounding (tol = its eps) of the fp32 gradients."""
@@ -485,8 +492,8 @@ def test_half_inputs(name, x_dtype, w_dtype, tol):
     x, w = x.to(x_dtype), w.to(w_dtype)
     kwargs = dict(sub_centers=2, label_smoothing=0.1, reduction="none", chunk_size=CHUNK, **MARGINS[name])
     upstream = upstream_weights(B)
-    got = run("cpu", x, w, y, upstream, **kwargs)
-    want = run("cpu", x.float(), w.float(), y, upstream, **kwargs)
+    got = run(backend, x, w, y, upstream, **kwargs)
+    want = run(backend, x.float(), w.float(), y, upstream, **kwargs)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
     assert got[2].dtype == x_dtype and got[3].dtype == w_dtype
     assert_rel(got[0], want[0], 1e-6, "half-input loss vs fp32")
@@ -497,13 +504,13 @@ def test_half_inputs(name, x_dtype, w_dtype, tol):
 
 @pytest.mark.parametrize("x_dtype, w_dtype", [(torch.float64, torch.float32), (torch.float32, torch.float64)],
                          ids=["fp64-x-fp32-W", "fp32-x-fp64-W"])
-def test_mixed_fp32_fp64(x_dtype, w_dtype):
+def test_mixed_fp32_fp64(x_dtype, w_dtype, backend):
     """An fp64 input makes the compute dtype fp64; each gradient comes back in its input's dtype
     (an fp32 W's gradient goes through the kernel's fp64 block buffer)."""
     x, w, y = geometric_inputs(K=2)
     x, w = x.to(x_dtype), w.to(w_dtype)
     got, want = check_against_reference(x, w, y, 1e-7, what="mixed", sub_centers=2, m2=0.5, chunk_size=CHUNK,
-                                        reduction="none")
+                                        reduction="none", backend=backend)
     assert_rel(got[0], want[0], TOL[torch.float64], "mixed-dtype loss (fp64 compute)")
 
 
@@ -541,7 +548,7 @@ GRADCHECK_CASES = [
 
 
 @pytest.mark.parametrize("kwargs, K, smoothing", GRADCHECK_CASES)
-def test_gradcheck(kwargs, K, smoothing):
+def test_gradcheck(kwargs, K, smoothing, backend):
     """fp64 gradcheck through backend='cpu' (two blocks of 3 and 2 classes). Target angles
     0.3, 1.2, 2.0, 2.9: past theta* of ArcFace m2 = 1.0 (2.14) and of the combined margin (2.37),
     SphereFace m = 3's k = 0, 1, 2, each >= 0.09 rad from a boundary."""
@@ -554,7 +561,7 @@ def test_gradcheck(kwargs, K, smoothing):
     w.requires_grad_(True)
 
     def f(x, w):
-        return fastmargin.margin_cross_entropy(x, w, y, backend="cpu", scale=2.0, sub_centers=K,
+        return fastmargin.margin_cross_entropy(x, w, y, backend=backend, scale=2.0, sub_centers=K,
                                                label_smoothing=smoothing, chunk_size=3, **kwargs)
 
     assert torch.autograd.gradcheck(f, (x, w), eps=1e-6, atol=1e-7, rtol=1e-5)
@@ -563,7 +570,7 @@ def test_gradcheck(kwargs, K, smoothing):
 @pytest.mark.slow
 @pytest.mark.parametrize("K", [1, 3])
 @pytest.mark.parametrize("name", list(MARGINS))
-def test_gradcheck_sweep(name, K):
+def test_gradcheck_sweep(name, K, backend):
     kwargs = {k: v for k, v in MARGINS[name].items() if k != "scale"}
     if "m2" in kwargs and kwargs["m2"] == 0.5:  # theta* = 2.64: only the 2.9 rad row is past it
         kwargs["m2"] = 1.0
@@ -573,19 +580,19 @@ def test_gradcheck_sweep(name, K):
     w.requires_grad_(True)
 
     def f(x, w):
-        return fastmargin.margin_cross_entropy(x, w, y, backend="cpu", scale=2.0, sub_centers=K, label_smoothing=0.1,
+        return fastmargin.margin_cross_entropy(x, w, y, backend=backend, scale=2.0, sub_centers=K, label_smoothing=0.1,
                                                reduction="none", chunk_size=2, **kwargs)
 
     assert torch.autograd.gradcheck(f, (x, w), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def test_double_backward_is_refused():
+def test_double_backward_is_refused(backend):
     """fastmargin::cpu_bwd has no autograd formula: a second derivative raises (it is not
     silently wrong). The same is why opcheck of cpu_bwd with inputs that require grad fails
     its test_aot_dispatch_dynamic."""
     x, w, y = geometric_inputs(B=6, C=10, D=5)
     x.requires_grad_(True)
-    loss = fastmargin.margin_cross_entropy(x, w, y, backend="cpu", m2=0.5)
+    loss = fastmargin.margin_cross_entropy(x, w, y, backend=backend, m2=0.5)
     (dx,) = torch.autograd.grad(loss, x, create_graph=True)
     with pytest.raises(RuntimeError, match="no autograd formula was registered"):
         dx.sum().backward()
@@ -613,33 +620,33 @@ OPCHECK_CASES = [
 
 
 @pytest.mark.parametrize("case", OPCHECK_CASES)
-def test_opcheck_forward(case):
+def test_opcheck_forward(case, backend):
     x, w, y, opts = op_args(**case)
-    torch.library.opcheck(torch.ops.fastmargin.cpu_fwd.default, (x, w, y, *opts))
+    torch.library.opcheck(getattr(torch.ops.fastmargin, f"{backend}_fwd").default, (x, w, y, *opts))
 
 
 @pytest.mark.parametrize("case", OPCHECK_CASES)
-def test_opcheck_backward(case):
+def test_opcheck_backward(case, backend):
     x, w, y, opts = op_args(**case, requires_grad=False)
-    lse, _, _ = torch.ops.fastmargin.cpu_fwd(x, w, y, *opts)
+    lse, _, _ = getattr(torch.ops.fastmargin, f"{backend}_fwd")(x, w, y, *opts)
     g = upstream_weights(len(y)).to(lse.dtype)
     grads = (g, -0.9 * g, -0.1 * g / 10)  # the statistics' gradients of a smoothed loss
-    torch.library.opcheck(torch.ops.fastmargin.cpu_bwd.default, (*grads, x, w, y, lse, *opts))
+    torch.library.opcheck(getattr(torch.ops.fastmargin, f"{backend}_bwd").default, (*grads, x, w, y, lse, *opts))
 
 
-def test_torch_compile_fullgraph_matches_eager():
+def test_torch_compile_fullgraph_matches_eager(backend):
     x, w, y = option_inputs(2, -100, [4], torch.float64)
     kwargs = dict(sub_centers=2, label_smoothing=0.1, chunk_size=CHUNK, m1=1.2, m2=0.3, m3=0.2)
 
     def loss_and_grads(x, w):
         x = x.detach().requires_grad_(True)
         w = w.detach().requires_grad_(True)
-        loss = fastmargin.margin_cross_entropy(x, w, y, backend="cpu", **kwargs)
+        loss = fastmargin.margin_cross_entropy(x, w, y, backend=backend, **kwargs)
         dx, dw = torch.autograd.grad(loss, (x, w))
         return loss, dx, dw
 
     def loss_fn(x, w):
-        return fastmargin.margin_cross_entropy(x, w, y, backend="cpu", **kwargs)
+        return fastmargin.margin_cross_entropy(x, w, y, backend=backend, **kwargs)
 
     compiled = torch.compile(loss_fn, fullgraph=True)
     xc, wc = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
@@ -662,13 +669,13 @@ def test_auto_selects_cpu():
 
 
 @pytest.mark.parametrize("K", [1, 2])
-def test_kernel_labels_outside_the_classes_have_no_target(K):
+def test_kernel_labels_outside_the_classes_have_no_target(K, backend):
     """The ops take any label: one outside [0, C) means no target column in this call (an
     ignored row, or a target on another shard); the public API rejects such labels earlier."""
     x, w, _ = geometric_inputs(B=4, C=10 // K, D=5, K=K)
     y = torch.tensor([0, 10 // K, -1, -100])
     opts = fused.options(Margin(m2=0.5), 64.0, K, 3)
-    got = torch.ops.fastmargin.cpu_fwd(x, w, y, *opts)
+    got = getattr(torch.ops.fastmargin, f"{backend}_fwd")(x, w, y, *opts)
     want = reference.row_statistics(x, w, y, Margin(m2=0.5), 64.0, K)
     for what, a, b in zip(("lse", "z_target", "z_sum"), got, want):
         assert_rel(a, b, TOL[torch.float64], what)
