@@ -78,9 +78,11 @@ def margin_meta(scale, m1, m2, m3, sphere_m, sphere_lambda, clamp_theta, detache
 def check(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, sub_centers: int) -> None:
     """The op's own checks (fastmargin.checks has the user-facing ones, with more words)."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"fastmargin triton: x must be (B, D) and w (C*K, D), got {tuple(x.shape)} and {tuple(w.shape)}")
+        raise ValueError(f"fastmargin triton: x must be (B, D) and w (C*K, D), "
+                         f"got {tuple(x.shape)} and {tuple(w.shape)}")
     if sub_centers < 1 or w.shape[0] < sub_centers or w.shape[0] % sub_centers:
-        raise ValueError(f"fastmargin triton: w has {w.shape[0]} rows, not a positive multiple of sub_centers={sub_centers}")
+        raise ValueError(f"fastmargin triton: w has {w.shape[0]} rows, "
+                         f"not a positive multiple of sub_centers={sub_centers}")
     if labels.dtype != torch.int64 or labels.shape != (x.shape[0],):
         raise ValueError(f"fastmargin triton: labels must be int64 of shape ({x.shape[0]},)")
     if not (x.device == w.device == labels.device):

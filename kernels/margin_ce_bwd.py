@@ -26,7 +26,7 @@ from fastmargin.margins import NORM_EPS
 from fastmargin.reference import compute_dtype
 
 from . import launch
-from .tiles import class_rows, cos_tile, dcos_tile, dot_acc, row_scales, spread
+from .tiles import backward_rows, class_rows, cos_tile, dcos_tile, dot_acc, spread
 
 _NORM_EPS = tl.constexpr(NORM_EPS)
 
@@ -50,14 +50,9 @@ def margin_ce_bwd_dx_kernel(
     pid_d = tl.program_id(1)
     pid_s = tl.program_id(2)
     rows = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_valid = rows < B
-    labels = tl.load(labels_ptr + rows, mask=row_valid, other=-1)
-    x_inv_norm = tl.load(x_inv_norm_ptr + rows, mask=row_valid, other=0.0)
-    row_scale = row_scales(params_ptr, x_norm_ptr, rows, row_valid, KIND, BLOCK_B, ACC_DTYPE)
-    lse = tl.load(lse_ptr + rows, mask=row_valid, other=0.0)
-    g_lse = tl.load(g_lse_ptr + rows, mask=row_valid, other=0.0)
-    g_target = tl.load(g_target_ptr + rows, mask=row_valid, other=0.0)
-    g_sum = tl.load(g_sum_ptr + rows, mask=row_valid, other=0.0)
+    row_valid, labels, x_inv_norm, row_scale, lse, g_lse, g_target, g_sum = backward_rows(
+        rows, B, labels_ptr, x_norm_ptr, x_inv_norm_ptr, params_ptr, lse_ptr, g_lse_ptr, g_target_ptr, g_sum_ptr,
+        KIND, BLOCK_B, ACC_DTYPE)
     d_out = pid_d.to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
 
     dx_hat = tl.zeros((BLOCK_B, BLOCK_DO), ACC_DTYPE)
@@ -112,14 +107,9 @@ def margin_ce_bwd_dw_kernel(
     radial = tl.zeros((BLOCK_C * K_PAD,), ACC_DTYPE)          # b_j = Σ_i dcos_ij cos_ij
     for r0 in range(0, B, BLOCK_B):
         rows = r0 + tl.arange(0, BLOCK_B).to(tl.int64)
-        row_valid = rows < B
-        labels = tl.load(labels_ptr + rows, mask=row_valid, other=-1)
-        x_inv_norm = tl.load(x_inv_norm_ptr + rows, mask=row_valid, other=0.0)
-        row_scale = row_scales(params_ptr, x_norm_ptr, rows, row_valid, KIND, BLOCK_B, ACC_DTYPE)
-        lse = tl.load(lse_ptr + rows, mask=row_valid, other=0.0)
-        g_lse = tl.load(g_lse_ptr + rows, mask=row_valid, other=0.0)
-        g_target = tl.load(g_target_ptr + rows, mask=row_valid, other=0.0)
-        g_sum = tl.load(g_sum_ptr + rows, mask=row_valid, other=0.0)
+        row_valid, labels, x_inv_norm, row_scale, lse, g_lse, g_target, g_sum = backward_rows(
+            rows, B, labels_ptr, x_norm_ptr, x_inv_norm_ptr, params_ptr, lse_ptr, g_lse_ptr, g_target_ptr, g_sum_ptr,
+            KIND, BLOCK_B, ACC_DTYPE)
         cos_n, cos, best = cos_tile(
             x_ptr, w_ptr, w_inv_norm_ptr, x_inv_norm, rows, c0, B, C, D, K,
             stride_xb, stride_xd, stride_wn, stride_wd,

@@ -28,6 +28,22 @@ def row_scales(params_ptr, x_norm_ptr, rows, row_valid, KIND: tl.constexpr, BLOC
 
 
 @triton.jit
+def backward_rows(rows, B, labels_ptr, x_norm_ptr, x_inv_norm_ptr, params_ptr, lse_ptr, g_lse_ptr, g_target_ptr,
+                  g_sum_ptr, KIND: tl.constexpr, BLOCK_B: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """What the backward needs of rows (BLOCK_B,): which exist, their labels, 1 / n_i, S_i,
+    lse_i and the gradients (g_lse, g_target, g_sum) of the three statistics."""
+    row_valid = rows < B
+    labels = tl.load(labels_ptr + rows, mask=row_valid, other=-1)
+    x_inv_norm = tl.load(x_inv_norm_ptr + rows, mask=row_valid, other=0.0)
+    row_scale = row_scales(params_ptr, x_norm_ptr, rows, row_valid, KIND, BLOCK_B, ACC_DTYPE)
+    lse = tl.load(lse_ptr + rows, mask=row_valid, other=0.0)
+    g_lse = tl.load(g_lse_ptr + rows, mask=row_valid, other=0.0)
+    g_target = tl.load(g_target_ptr + rows, mask=row_valid, other=0.0)
+    g_sum = tl.load(g_sum_ptr + rows, mask=row_valid, other=0.0)
+    return row_valid, labels, x_inv_norm, row_scale, lse, g_lse, g_target, g_sum
+
+
+@triton.jit
 def dot_acc(a, b, acc, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """acc + a @ b, the operands rounded to DOT_DTYPE (the inputs' dtype: bf16 and fp16 run
     on tensor cores) and accumulated in acc's dtype (fp32, or fp64). UPCAST feeds the rounded

@@ -400,17 +400,19 @@ def test_zero_rows(name, dtype, backend):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K", [1, 2])
 @pytest.mark.parametrize("where", ["embedding", "weight"])
-def test_nan_propagates(where, dtype, backend):
+def test_nan_propagates(where, K, dtype, backend):
     """NaN is not checked for (fastmargin.checks): it propagates as in the reference. A NaN
     embedding row poisons its own loss and lse only; a NaN weight row every row's (the online
-    max can drop a NaN, the kernel's sum of logits keeps it)."""
-    x, w, y = geometric_inputs(B=6, C=10, D=5, dtype=dtype)
+    max can drop a NaN, the kernel's sum of logits keeps it). A NaN sub-center wins its
+    class's max, as in torch's, even where another sub-center's cosine is larger."""
+    x, w, y = geometric_inputs(B=6, C=10, D=5, K=K, dtype=dtype)
     if where == "embedding":
         x[2, 1] = math.nan
     else:
-        w[7, 3] = math.nan
-    kwargs = dict(m2=0.5, reduction="none", return_lse=True, chunk_size=4)
+        w[7 * K + K - 1, 3] = math.nan  # class 7's last sub-center
+    kwargs = dict(m2=0.5, sub_centers=K, reduction="none", return_lse=True, chunk_size=4)
     loss, lse = fastmargin.margin_cross_entropy(x, w, y, backend=backend, **kwargs)
     want_loss, want_lse = fastmargin.margin_cross_entropy(x.double(), w.double(), y, backend="reference", **kwargs)
     for label, a, b in (("loss", loss, want_loss), ("lse", lse, want_lse)):

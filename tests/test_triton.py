@@ -251,7 +251,8 @@ pointer = "*" + {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "
 acc = "*fp64" if dtype == torch.float64 else "*fp32"
 x = torch.empty(2, 2, dtype=dtype)
 report = {}
-for kernel, backward in ((margin_ce_fwd_kernel, False), (margin_ce_bwd_dx_kernel, True), (margin_ce_bwd_dw_kernel, True)):
+kernels = ((margin_ce_fwd_kernel, False), (margin_ce_bwd_dx_kernel, True), (margin_ce_bwd_dw_kernel, True))
+for kernel, backward in kernels:
     cfg = launch.config(512, K, dtype, backward)
     meta = dict(KIND=kind, SPHERE_M=3, CLAMP_THETA=False, **launch.dtypes(x, x), **cfg.meta(with_output_block=backward))
     if backward:
@@ -277,9 +278,10 @@ for kernel, backward in ((margin_ce_fwd_kernel, False), (margin_ce_bwd_dx_kernel
         cubin, ptx = os.path.join(tmp, "k.cubin"), os.path.join(tmp, "k.ptx")
         open(cubin, "wb").write(compiled.asm["cubin"])
         open(ptx, "w").write(compiled.asm["ptx"])
-        sass = subprocess.run([os.path.join(tool_dir, "cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
-        ptxas = subprocess.run([os.path.join(tool_dir, "ptxas"), f"-arch=sm_{arch}{'a' if arch == 90 else ''}", "-v", ptx,
-                                "-o", os.devnull], capture_output=True, text=True).stderr
+        sass = subprocess.run([os.path.join(tool_dir, "cuobjdump"), "-sass", cubin],
+                              capture_output=True, text=True).stdout
+        ptxas = subprocess.run([os.path.join(tool_dir, "ptxas"), f"-arch=sm_{arch}{'a' if arch == 90 else ''}", "-v",
+                                ptx, "-o", os.devnull], capture_output=True, text=True).stderr
     ops = {op: sass.count(op) for op in ("HGMMA", "HMMA", "DMMA", "FFMA", "DFMA")}
     info = [line.split("info    : ")[-1] for line in ptxas.splitlines() if "registers" in line or "spill" in line]
     report[kernel.fn.__name__] = {"ops": ops, "ptxas": info}
