@@ -160,7 +160,7 @@ struct Walk {
       T c = dot[j * K] * inv_w[j * K];
       for (int64_t k = 1; k < K; ++k) {
         const T ck = dot[j * K + k] * inv_w[j * K + k];
-        if (ck > c) { c = ck; kb = static_cast<int32_t>(k); }
+        if (ck > c || ck != ck) { c = ck; kb = static_cast<int32_t>(k); }  // NaN wins, as in torch's max
       }
       best[j] = kb;
       cos[j] = c * inv_x;
