@@ -8,6 +8,7 @@ the host, so that float64 kernels get them in float64 (a Python float argument o
 Triton kernel is float32).
 """
 
+import functools
 import math
 
 import torch
@@ -38,9 +39,12 @@ def kind(margin: Margin) -> int:
     return ARC if margin.m1 == 1.0 else COMBINED
 
 
+@functools.lru_cache(maxsize=64)
 def margin_params(margin: Margin, scale: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The numbers psi needs, (11,) in the compute dtype, at the P_* offsets. The clamp
-    bounds are rounded to the dtype here exactly as torch rounds them in the reference."""
+    bounds are rounded to the dtype here exactly as torch rounds them in the reference.
+    Cached (the kernels only read it): a training step copies nothing to the device, and
+    CUDA-graph capture sees no host-to-device copy."""
     values = [
         scale, margin.m1, margin.m2, margin.m3, margin.sphere_lambda, math.cos(margin.m2), math.sin(margin.m2),
         margin.cos_theta_limit, margin.fallback_shift, -1.0 + COS_EPS, 1.0 - COS_EPS,
