@@ -5,7 +5,9 @@ installed, so install without build isolation:
     pip install torch==2.14.1 && pip install --no-build-isolation -e ".[test]"
 
 FASTMARGIN_SKIP_CUDA_BUILD=1 builds the CPU part only; TORCH_CUDA_ARCH_LIST picks the GPU
-architectures (default "8.0;9.0", A100 and H100).
+architectures (default "8.0;9.0", A100 and H100; the kernels need 8.0 or newer). The toolkit
+is CUDA_HOME if set, else the first of torch's guess, the toolkit the nvcc on PATH runs
+from and /usr/local/cuda that has the headers (find_cuda_home); the build prints which.
 """
 
 from __future__ import annotations
@@ -13,16 +15,60 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from collections.abc import Mapping, Sequence
+import shutil
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
 from glob import glob
 from pathlib import Path
 
 import torch
 from setuptools import Extension, find_packages, setup
+from torch.utils import cpp_extension
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
+
+
+def has_cuda_headers(root: str | None) -> bool:
+    return root is not None and Path(root, "include", "cuda_runtime_api.h").is_file()
+
+
+def nvcc_toolkit(nvcc: str | None) -> str | None:
+    """The toolkit root of the nvcc at `nvcc`, as nvcc itself reports it: `--dryrun` prints
+    its commands without running them, among them _HERE_, the directory of the real nvcc.
+    So a wrapper script (/usr/local/bin/nvcc that execs /usr/local/cuda-13.0/bin/nvcc)
+    resolves to the toolkit, where torch guesses the wrapper's parent. None if it fails."""
+    if nvcc is None:
+        return None
+    try:
+        result = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                                capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in (result.stdout + result.stderr).splitlines():
+        if line.startswith("#$ _HERE_="):
+            return str(Path(line.split("=", 1)[1].strip()).parent)
+    return None
+
+
+def find_cuda_home(env: Mapping[str, str], torch_guess: str | None, nvcc_root: Callable[[], str | None],
+                   default: str = "/usr/local/cuda") -> tuple[str | None, str]:
+    """The CUDA toolkit to build with, and how it was found. CUDA_HOME (or CUDA_PATH) as set
+    is taken as it is, the user's word (cuda_build_decision says if it lacks the headers);
+    else the first with include/cuda_runtime_api.h of torch's guess, the toolkit of the nvcc
+    on PATH (nvcc_root, asked only if needed) and `default`; else torch's guess."""
+    for name in ("CUDA_HOME", "CUDA_PATH"):
+        if env.get(name):
+            return env[name], f"{name} is set"
+    if has_cuda_headers(torch_guess):
+        return torch_guess, "torch's guess"
+    root = nvcc_root()
+    if has_cuda_headers(root):
+        return root, "the toolkit the nvcc on PATH runs from"
+    if has_cuda_headers(default):
+        return default, "the default location"
+    return torch_guess, "torch's guess (no toolkit with headers found)"
 
 
 def cuda_build_decision(
@@ -40,9 +86,10 @@ def cuda_build_decision(
         return False, "torch is a CPU build (torch.version.cuda is None)"
     if cuda_home is None:
         return False, "no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)"
-    # torch guesses CUDA_HOME as the parent of the nvcc on PATH, which for a wrapper
-    # script (/usr/local/bin/nvcc) is not the toolkit; the binding file needs its headers.
-    if not Path(cuda_home, "include", "cuda_runtime_api.h").is_file():
+    # A CUDA_HOME set by hand, or torch's guess when nothing better was found (the parent of
+    # the nvcc on PATH, which for a wrapper script is not the toolkit), may lack the headers
+    # that the binding file needs.
+    if not has_cuda_headers(cuda_home):
         return False, f"CUDA_HOME={cuda_home} has no include/cuda_runtime_api.h; set CUDA_HOME to the toolkit"
     return True, f"CUDA {torch_cuda}, toolkit at {cuda_home}"
 
@@ -60,7 +107,10 @@ def extension() -> Extension:
     # Relative to ROOT, as setuptools wants sources; pip builds with ROOT as the cwd.
     cpp_sources = ["csrc/fastmargin.cpp", *sorted(glob("csrc/cpu/*.cpp", root_dir=ROOT))]
     cuda_sources = sorted(glob("csrc/cuda/*.cu", root_dir=ROOT))
-    with_cuda, reason = cuda_build_decision(os.environ, cuda_sources, torch.version.cuda, CUDA_HOME)
+    cuda_home, found_by = find_cuda_home(os.environ, CUDA_HOME, lambda: nvcc_toolkit(shutil.which("nvcc")))
+    with_cuda, reason = cuda_build_decision(os.environ, cuda_sources, torch.version.cuda, cuda_home)
+    if with_cuda:
+        reason += f" ({found_by})"
     print(f"fastmargin: CUDA kernels {'compiled' if with_cuda else 'not compiled'}: {reason}")
 
     include_dirs = [str(ROOT / "csrc")]
@@ -77,6 +127,8 @@ def extension() -> Extension:
         )
     # Without a list cpp_extension asks the (possibly absent) GPU which arch to build.
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
+    # cpp_extension finds nvcc, headers and libraries through its module-level CUDA_HOME.
+    cpp_extension.CUDA_HOME = cuda_home
     return CUDAExtension(
         "fastmargin._C",
         cpp_sources + cuda_sources,

@@ -26,12 +26,6 @@ AUTO_ORDER = {
     "cuda": ("triton", "cuda", "reference"),
 }
 
-# What each fused backend still lacks in this version; removed as the kernels land.
-_NOT_IMPLEMENTED = {
-    "cuda": "the fused CUDA kernels are not implemented in this version of fastmargin",
-}
-
-
 def _device_type(name: str) -> str:
     """Where a fused backend's kernels run: Triton's on CPU tensors when they are interpreted
     (TRITON_INTERPRET=1 when fastmargin.kernels was imported: how CI tests them)."""
@@ -65,7 +59,7 @@ def unavailable_reason(name: str, device: torch.device | None = None) -> str | N
         return "fastmargin._C was built before the CPU kernel existed: reinstall to rebuild it"
     if wanted == "cuda" and not torch.cuda.is_available():
         return "no CUDA device is visible to torch"
-    return _NOT_IMPLEMENTED.get(name)
+    return None
 
 
 # torch.compile takes the pick as a constant instead of tracing the extension loading.
@@ -102,4 +96,8 @@ def implementation(name: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor,
         from . import backend_triton
 
         return backend_triton.row_statistics
-    raise BackendUnavailableError(f"backend {name!r}: {_NOT_IMPLEMENTED[name]}")
+    if name == "cuda":
+        from . import backend_cuda
+
+        return backend_cuda.row_statistics
+    raise BackendUnavailableError(f"unknown backend {name!r}: choose one of {BACKENDS}")

@@ -3,6 +3,7 @@ fastmargin.kernels, the version is one, and a missing CUDA part is explained."""
 
 import importlib.metadata
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,67 @@ def test_setup_cuda_decision(setup_py, tmp_path, env, cuda_sources, torch_cuda, 
     decided, reason = setup_py.cuda_build_decision(env, cuda_sources, torch_cuda, cuda_home)
     assert decided is compiled, reason
     assert reason_names in reason, reason
+
+
+def _never_asked():
+    raise AssertionError("the nvcc on PATH was asked although an earlier candidate had the headers")
+
+
+# Roots: "toolkit" has include/cuda_runtime_api.h, "bare" does not, "missing" does not exist.
+@pytest.mark.parametrize(
+    "env, torch_guess, nvcc_root, default, found, how",
+    [
+        ({"CUDA_HOME": "bare"}, "toolkit", _never_asked, "toolkit", "bare", "CUDA_HOME is set"),
+        ({"CUDA_PATH": "toolkit"}, "bare", _never_asked, "missing", "toolkit", "CUDA_PATH is set"),
+        ({}, "toolkit", _never_asked, "missing", "toolkit", "torch's guess"),
+        # torch guesses a wrapper's parent (/usr/local for /usr/local/bin/nvcc): nvcc's own answer wins
+        ({}, "bare", lambda: "toolkit", "missing", "toolkit", "the nvcc on PATH"),
+        ({}, "bare", lambda: None, "toolkit", "toolkit", "the default location"),
+        ({}, None, lambda: "missing", "toolkit", "toolkit", "the default location"),
+        ({}, "bare", lambda: "bare", "missing", "bare", "no toolkit with headers found"),
+        ({}, None, lambda: None, "missing", None, "no toolkit with headers found"),
+    ],
+)
+def test_setup_finds_cuda_home(setup_py, tmp_path, env, torch_guess, nvcc_root, default, found, how):
+    (tmp_path / "toolkit" / "include").mkdir(parents=True)
+    (tmp_path / "toolkit" / "include" / "cuda_runtime_api.h").touch()
+    (tmp_path / "bare").mkdir()
+
+    def root(name):
+        return None if name is None else str(tmp_path / name)
+
+    def nvcc():
+        return root(nvcc_root())
+
+    home, found_by = setup_py.find_cuda_home({k: root(v) for k, v in env.items()}, root(torch_guess), nvcc,
+                                             default=root(default))
+    assert home == root(found), (home, found_by)
+    assert how in found_by, found_by
+
+
+def test_setup_nvcc_toolkit_follows_a_wrapper(setup_py, tmp_path):
+    """nvcc --dryrun names its own bin directory (_HERE_): a wrapper script that execs the
+    real nvcc resolves to the real toolkit; a missing or silent nvcc gives None."""
+    real = tmp_path / "cuda-13.0" / "bin"
+    real.mkdir(parents=True)
+    (real / "nvcc").write_text(f'#!/bin/sh\necho "#$ _HERE_={real}"\n')
+    wrapper = tmp_path / "bin" / "nvcc"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nexec {real / "nvcc"} "$@"\n')
+    silent = tmp_path / "silent"
+    silent.write_text("#!/bin/sh\n")
+    for script in (real / "nvcc", wrapper, silent):
+        script.chmod(0o755)
+    assert setup_py.nvcc_toolkit(str(wrapper)) == str(tmp_path / "cuda-13.0")
+    assert setup_py.nvcc_toolkit(str(silent)) is None
+    assert setup_py.nvcc_toolkit(str(tmp_path / "absent")) is None
+    assert setup_py.nvcc_toolkit(None) is None
+
+
+def test_setup_nvcc_on_path_has_a_toolkit(setup_py):
+    """Here: the nvcc on PATH (possibly a wrapper) leads to a toolkit with the headers."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("no nvcc on PATH")
+    root = setup_py.nvcc_toolkit(nvcc)
+    assert setup_py.has_cuda_headers(root), f"{nvcc} runs from {root}, which has no include/cuda_runtime_api.h"

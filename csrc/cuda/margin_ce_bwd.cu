@@ -1,0 +1,178 @@
+// Backward: dx and dW of the row statistics, recomputing each cos tile from the saved lse
+// (DESIGN §2-3), deterministic without atomics; the CUDA twin of kernels/margin_ce_bwd.py,
+// whose header derives the algebra. With dcos from tiles.cuh:
+//
+//   dx̂_i = Σ_j (dcos_ij / r_j) w_j          dŵ_j = Σ_i (dcos_ij / n_i) x_i
+//   b_j  = Σ_i dcos_ij cos_ij                dw_j = (dŵ_j - w_j b_j / r_j) / r_j
+//
+// and the binding finishes dx_i = (dx̂_i - x̂_i <x̂_i, dx̂_i>) / n_i (plus SphereFace's term).
+// Two kernels, each owning what it writes: dx blocks (row block, slice of D, class split)
+// walk their split and write a partial dx̂ that the binding sums over the splits in a fixed
+// order; dW blocks (class tile, slice of D) walk every row block and write their dW rows
+// once. Each recomputes its cos tiles (one GEMM) and does one more into registers.
+#include "cuda/tiles.cuh"
+
+namespace fastmargin {
+namespace cuda {
+
+template <class Op>
+__global__ void __launch_bounds__(kThreads) margin_ce_bwd_dx_kernel(const MarginCeArgs a, const LaunchPlan p) {
+  using T = typename Op::T;
+  using Acc = typename Op::Acc;
+  using Tl = Tile<Op>;
+  constexpr SmemLayout L = smem_layout(Op::kOperand, Kernel::kDx);
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* xs = reinterpret_cast<T*>(smem + L.xs);
+  T* ws = reinterpret_cast<T*>(smem + L.ws);
+  Acc* s = reinterpret_cast<Acc*>(smem + L.s);
+  Acc* w_inv = reinterpret_cast<Acc*>(smem + L.w_inv);
+  T* g = reinterpret_cast<T*>(smem + L.g);
+  T* w_slice = reinterpret_cast<T*>(smem + L.op2);
+
+  const int K = static_cast<int>(p.K);
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * Tl::BM;
+  const int64_t d0 = static_cast<int64_t>(blockIdx.y) * Tl::BDO;
+  const int64_t split = blockIdx.z;
+  const int tile_row = threadIdx.x / Tl::kRowThreads, lane = threadIdx.x % Tl::kRowThreads;
+  const Row<Acc> r = load_row<Acc>(a, p.B, row0 + tile_row, true);
+  const Acc* dots = s + tile_row * Tl::kLdS;
+  T* g_row = g + tile_row * Tl::kLdG;
+
+  TileMma<Op, Tl::BM, Tl::BDO> dx_hat;
+  dx_hat.zero();
+  Acc norm_grad = Acc(0);
+  const int64_t c_begin = split * p.split_size;
+  const int64_t c_end = c_begin + p.split_size < p.C ? c_begin + p.split_size : p.C;
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += p.block_c) {
+    const int nc = static_cast<int>(p.C - c0 < p.block_c ? p.C - c0 : p.block_c);
+    const int64_t n0 = c0 * K;
+    const int rows_n = nc * K;
+    dot_tile<Op>(a, p, row0, n0, rows_n, xs, ws, s, w_inv);
+    const int64_t target = r.label - c0;
+    // g = dcos / r_j at each class's arg-max sub-center, 0 at the others and past the tile's
+    // classes (where W's staged rows are 0 but stale shared memory could hold a NaN).
+    for (int j = lane; j < nc; j += Tl::kRowThreads) {
+      int best;
+      const Acc c = class_cosine(dots, w_inv, j, K, &best) * r.x_inv;
+      const Dcos<Acc> d = dcos_of(c, j == target, r, a.margin);
+      norm_grad += d.dz_zc;
+      for (int k = 0; k < K; ++k) g_row[j * K + k] = convert<T>(k == best ? d.dcos * w_inv[j * K + k] : Acc(0));
+    }
+    for (int n = rows_n + lane; n < Tl::BN; n += Tl::kRowThreads) g_row[n] = convert<T>(0.0f);
+    stage<T, Tl::BN, Tl::BDO>(w_slice, Tl::kLdOp2, a.w, n0, rows_n, d0, p.D - d0);
+    __syncthreads();
+    dx_hat.template mma<Layout::kRow, Layout::kRow>(g, Tl::kLdG, w_slice, Tl::kLdOp2, Tl::BN);
+    __syncthreads();
+  }
+
+  // The walk is done: stage the (BM x BDO) result over the buffer, then write rows of D.
+  Acc* out = reinterpret_cast<Acc*>(smem);
+  dx_hat.store(out, Tl::kLdOut);
+  __syncthreads();
+  Acc* dx_hat_out = static_cast<Acc*>(a.dx_hat) + split * p.B * p.D;
+  for (int idx = threadIdx.x; idx < Tl::BM * Tl::BDO; idx += kThreads) {
+    const int i = idx / Tl::BDO, d = idx % Tl::BDO;
+    if (row0 + i < p.B && d0 + d < p.D) dx_hat_out[(row0 + i) * p.D + d0 + d] = out[i * Tl::kLdOut + d];
+  }
+  for (int offset = 1; offset < Tl::kRowThreads; offset <<= 1) norm_grad += shuffle_xor(norm_grad, offset);
+  if (blockIdx.y == 0 && lane == 0 && r.valid) static_cast<Acc*>(a.norm_grad)[split * p.B + r.index] = norm_grad;
+}
+
+template <class Op>
+__global__ void __launch_bounds__(kThreads) margin_ce_bwd_dw_kernel(const MarginCeArgs a, const LaunchPlan p) {
+  using T = typename Op::T;
+  using Acc = typename Op::Acc;
+  using Tl = Tile<Op>;
+  constexpr SmemLayout L = smem_layout(Op::kOperand, Kernel::kDw);
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* xs = reinterpret_cast<T*>(smem + L.xs);
+  T* ws = reinterpret_cast<T*>(smem + L.ws);
+  Acc* s = reinterpret_cast<Acc*>(smem + L.s);
+  Acc* w_inv = reinterpret_cast<Acc*>(smem + L.w_inv);
+  T* g = reinterpret_cast<T*>(smem + L.g);
+  T* x_slice = reinterpret_cast<T*>(smem + L.op2);
+  Acc* radial = reinterpret_cast<Acc*>(smem + L.radial);
+
+  const int K = static_cast<int>(p.K);
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * p.block_c;
+  const int nc = static_cast<int>(p.C - c0 < p.block_c ? p.C - c0 : p.block_c);
+  const int64_t n0 = c0 * K;
+  const int rows_n = nc * K;
+  const int64_t d0 = static_cast<int64_t>(blockIdx.y) * Tl::BDO;
+  const int tile_row = threadIdx.x / Tl::kRowThreads, lane = threadIdx.x % Tl::kRowThreads;
+  Acc* dots = s + tile_row * Tl::kLdS;
+  T* g_row = g + tile_row * Tl::kLdG;
+
+  TileMma<Op, Tl::BN, Tl::BDO> dw_hat;  // dŵ_j, rows of the tile by the slice of D
+  dw_hat.zero();
+  Acc b = Acc(0);  // thread n < BN: b_n = Σ_i dcos_in cos_in, summed over the row blocks in order
+  for (int64_t row0 = 0; row0 < p.B; row0 += Tl::BM) {
+    const Row<Acc> r = load_row<Acc>(a, p.B, row0 + tile_row, true);
+    dot_tile<Op>(a, p, row0, n0, rows_n, xs, ws, s, w_inv);
+    const int64_t target = r.label - c0;
+    // g = dcos / n_i and, over the dots (each thread reads its class's K dots first),
+    // dcos cos: both at the arg-max sub-center only.
+    for (int j = lane; j < nc; j += Tl::kRowThreads) {
+      int best;
+      const Acc c = class_cosine(dots, w_inv, j, K, &best) * r.x_inv;
+      const Dcos<Acc> d = dcos_of(c, j == target, r, a.margin);
+      for (int k = 0; k < K; ++k) {
+        g_row[j * K + k] = convert<T>(k == best ? d.dcos * r.x_inv : Acc(0));
+        dots[j * K + k] = k == best ? d.dcos * c : Acc(0);
+      }
+    }
+    for (int n = rows_n + lane; n < Tl::BN; n += Tl::kRowThreads) g_row[n] = convert<T>(0.0f);
+    stage<T, Tl::BM, Tl::BDO>(x_slice, Tl::kLdOp2, a.x, row0, p.B - row0, d0, p.D - d0);
+    __syncthreads();
+    if (threadIdx.x < rows_n) {
+      for (int i = 0; i < Tl::BM; ++i) b += s[i * Tl::kLdS + threadIdx.x];
+    }
+    dw_hat.template mma<Layout::kCol, Layout::kRow>(g, Tl::kLdG, x_slice, Tl::kLdOp2, Tl::BM);
+    __syncthreads();
+  }
+
+  if (threadIdx.x < Tl::BN) radial[threadIdx.x] = b;
+  Acc* out = reinterpret_cast<Acc*>(smem);
+  dw_hat.store(out, Tl::kLdOut);
+  __syncthreads();
+  // dw_j = (dŵ_j - w_j b_j / r_j) / r_j, w read at full precision; below kNormEps the norm
+  // is a constant and there is no radial term. Written in dw's dtype along its layout.
+  const Acc* w_norm = static_cast<const Acc*>(a.w_norm);
+  const Acc* w_inv_norm = static_cast<const Acc*>(a.w_inv_norm);
+  const bool by_rows = along_rows(a.stride_dwn, a.stride_dwd);
+  for (int idx = threadIdx.x; idx < Tl::BN * Tl::BDO; idx += kThreads) {
+    const int n = by_rows ? idx / Tl::BDO : idx % Tl::BN;
+    const int d = by_rows ? idx % Tl::BDO : idx / Tl::BN;
+    if (n >= rows_n || d0 + d >= p.D) continue;
+    const int64_t wn = n0 + n;
+    const Acc inv = w_inv_norm[wn];
+    const Acc rb = w_norm[wn] < Acc(kNormEps) ? Acc(0) : radial[n] * inv;
+    const Acc wv = load_as<Acc>(a.w.data, a.w.dtype, wn * a.w.stride0 + (d0 + d) * a.w.stride1);
+    store_as(a.dw, a.dw_dtype, wn * a.stride_dwn + (d0 + d) * a.stride_dwd, (out[n * Tl::kLdOut + d] - wv * rb) * inv);
+  }
+}
+
+cudaError_t margin_ce_backward(const LaunchPlan& p, const MarginCeArgs& a, cudaStream_t stream) {
+  return with_operand(p.operand, [&](auto tag) {
+    using Op = decltype(tag);
+    auto* dx_kernel = margin_ce_bwd_dx_kernel<Op>;
+    auto* dw_kernel = margin_ce_bwd_dw_kernel<Op>;
+    cudaError_t err =
+        cudaFuncSetAttribute(dx_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.dx_smem));
+    if (err != cudaSuccess) return err;
+    err = cudaFuncSetAttribute(dw_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.dw_smem));
+    if (err != cudaSuccess) return err;
+    const dim3 dx_grid(static_cast<unsigned>(p.dx_grid[0]), static_cast<unsigned>(p.dx_grid[1]),
+                       static_cast<unsigned>(p.dx_grid[2]));
+    const dim3 dw_grid(static_cast<unsigned>(p.dw_grid[0]), static_cast<unsigned>(p.dw_grid[1]),
+                       static_cast<unsigned>(p.dw_grid[2]));
+    dx_kernel<<<dx_grid, kThreads, p.dx_smem, stream>>>(a, p);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    dw_kernel<<<dw_grid, kThreads, p.dw_smem, stream>>>(a, p);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace cuda
+}  // namespace fastmargin
