@@ -114,7 +114,10 @@ def extension() -> Extension:
     print(f"fastmargin: CUDA kernels {'compiled' if with_cuda else 'not compiled'}: {reason}")
 
     include_dirs = [str(ROOT / "csrc")]
-    cxx_flags = ["-O3", "-fopenmp"]
+    # No FMA contraction: the CPU kernel's forward rounds z = S cos before its log-sum-exp,
+    # and the backward's exp(S cos - lse) must round it the same way (a fused multiply-add
+    # skips that rounding: at SphereFace's S = s ||x|| ~ 1e8 p came out e^4 too large).
+    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
     if not with_cuda:
         # build_info() reports the reason, so a missing 'cuda' backend says why.
         return CppExtension(

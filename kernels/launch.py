@@ -42,7 +42,11 @@ class Config:
 
     def meta(self, with_output_block: bool = False) -> dict:
         keys = ("BLOCK_B", "BLOCK_C", "K_PAD", "BLOCK_D") + (("BLOCK_DO",) if with_output_block else ())
-        return {k: getattr(self, k) for k in keys} | {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        # No FMA contraction: the backward's exp(S zc - lse) must round z = S zc as the forward
+        # did before its log-sum-exp, or p is off by exp(ulp(z)) (e^4 at SphereFace's
+        # S = s ||x|| ~ 1e8). The tile dots are unaffected.
+        options = {"num_warps": self.num_warps, "num_stages": self.num_stages, "enable_fp_fusion": False}
+        return {k: getattr(self, k) for k in keys} | options
 
 
 def config(D: int, K: int, dtype: torch.dtype, backward: bool) -> Config:

@@ -271,7 +271,7 @@ for kernel, backward in kernels:
             signature[name] = acc
         else:
             signature[name] = "i32"
-    options = {"num_warps": meta.pop("num_warps"), "num_stages": meta.pop("num_stages")}
+    options = {k: meta.pop(k) for k in ("num_warps", "num_stages", "enable_fp_fusion")}
     source = ASTSource(fn=kernel, signature=signature, constexprs={k: v for k, v in meta.items()})
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     with tempfile.TemporaryDirectory() as tmp:

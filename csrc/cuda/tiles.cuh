@@ -284,6 +284,12 @@ struct Tile {
 __device__ __forceinline__ float fast_exp(float v) { return __expf(v); }  // ex2.approx, as Triton's tl.exp
 __device__ __forceinline__ double fast_exp(double v) { return exp(v); }
 
+// z = S zc rounded on its own, never fused into an FMA with what follows: the forward's lse
+// and the backward's exp(z - lse) must see the same rounded z, or p is off by a factor
+// exp(ulp(z)), which at SphereFace's S = s ||x|| ~ 1e8 is e^8.
+__device__ __forceinline__ float logit(float s, float zc) { return __fmul_rn(s, zc); }
+__device__ __forceinline__ double logit(double s, double zc) { return __dmul_rn(s, zc); }
+
 template <class Acc>
 __device__ __forceinline__ Acc shuffle_xor(Acc v, int mask) {
   return __shfl_xor_sync(0xffffffffu, v, mask);
@@ -371,7 +377,7 @@ template <class Acc>
 __device__ __forceinline__ Dcos<Acc> dcos_of(Acc c, bool is_target, const Row<Acc>& r, const MarginParams& m) {
   if (!r.valid) return {Acc(0), Acc(0)};
   const Acc zc = is_target ? psi(c, m) : c;
-  const Acc dz = r.g_lse * fast_exp(r.scale * zc - r.lse) + (is_target ? r.g_target : Acc(0)) + r.g_sum;
+  const Acc dz = r.g_lse * fast_exp(logit(r.scale, zc) - r.lse) + (is_target ? r.g_target : Acc(0)) + r.g_sum;
   return {r.scale * dz * (is_target ? psi_grad(c, m) : Acc(1)), dz * zc};
 }
 
