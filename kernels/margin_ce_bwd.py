@@ -130,8 +130,10 @@ def margin_ce_bwd_dw_kernel(
     tile = n_valid[:, None] & (d_out < D)[None, :]
     w = tl.load(w_ptr + w_row[:, None] * stride_wn + d_out[None, :] * stride_wd, mask=tile, other=0.0)
     dw = (dw_hat - w.to(ACC_DTYPE) * radial[:, None]) * w_inv_norm[:, None]
-    tl.store(dw_ptr + w_row[:, None] * stride_dwn + d_out[None, :] * stride_dwd,
-             dw.to(dw_ptr.dtype.element_ty), mask=tile)
+    out_dtype: tl.constexpr = dw_ptr.dtype.element_ty
+    if out_dtype.is_fp16() or out_dtype.is_bf16():  # via fp32: the interpreter botches fp64 -> bf16
+        dw = dw.to(tl.float32)
+    tl.store(dw_ptr + w_row[:, None] * stride_dwn + d_out[None, :] * stride_dwd, dw.to(out_dtype), mask=tile)
 
 
 def backward(g_lse, g_target, g_sum, x, w, labels, lse,
