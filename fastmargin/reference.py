@@ -55,8 +55,7 @@ def margin_logits(
     target = torch.where(has_target, labels, 0).unsqueeze(1)
     cos_target = cos.gather(1, target)
     shift = torch.where(has_target.unsqueeze(1), psi(cos_target, margin) - cos_target, 0)
-    one_hot = F.one_hot(target.squeeze(1), num_classes).to(cos.dtype)
-    z = cos + one_hot * shift
+    z = cos.scatter_add(1, target, shift)  # not F.one_hot: it reads the labels on the host
     if margin.is_sphereface:
         return z * (scale * embeddings.norm(dim=1, keepdim=True))
     return z * scale
