@@ -134,13 +134,7 @@ def check_against_reference(x, w, y, tol, what="", backend="cpu", **kwargs):
     assert got[0].dtype == dtype and got[1].dtype == dtype, f"{what}: loss {got[0].dtype}, lse {got[1].dtype}"
     assert got[2].dtype == x.dtype and got[3].dtype == w.dtype, f"{what}: grads {got[2].dtype}, {got[3].dtype}"
     assert got[0].shape == want[0].shape and got[1].shape == (len(y),)
-    # An ignored row labelled with a real class (ignore_index in [0, C)) is left out of the
-    # lse comparison: the two disagree there (test_lse_of_ignored_rows_labelled_with_a_class).
-    ignore_index = kwargs.get("ignore_index", -100)
-    disputed = (y == ignore_index) & (y >= 0) & (y < w.shape[0] // kwargs.get("sub_centers", 1))
-    got_cmp, want_cmp = list(got), list(want)
-    got_cmp[1], want_cmp[1] = got[1][~disputed], want[1][~disputed]
-    for name, a, b in zip(("loss", "lse", "d loss / d x", "d loss / d W"), got_cmp, want_cmp):
+    for name, a, b in zip(("loss", "lse", "d loss / d x", "d loss / d W"), got, want):
         assert_rel(a, b, tol, f"{what} {name}")
     return got, want
 
@@ -150,8 +144,8 @@ def one_thread():
     """One intra-op thread by default: on a loaded machine every parallel region of the kernel
     (and of the reference's ATen ops) can wait a scheduler slice for its second thread, which
     made a case take seconds instead of milliseconds. Two threads are covered by
-    test_deterministic_across_runs_and_thread_counts: bitwise equal to one, and checked
-    against the reference."""
+    test_deterministic_across_runs_and_thread_counts: checked against the reference, and
+    equal to one thread's to rounding (ATen's GEMM blocks by the thread count)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -535,7 +529,7 @@ def test_deterministic_across_runs_and_thread_counts():
         torch.set_num_threads(threads)
     for label, a, b, c in zip(("loss", "lse", "d loss / d x", "d loss / d W"), first, again, single):
         assert_close(b, a, atol=0.0, what=f"repeated run: {label}")
-        assert_close(c, a, atol=0.0, what=f"1 thread vs 2: {label}")
+        assert_rel(c, a, TOL[torch.float32], f"1 thread vs 2 (bitwise only at a fixed thread count): {label}")
 
 
 # ---------------------------------------------------------------- gradcheck, opcheck, compile
