@@ -46,6 +46,8 @@ def _check_float(name: str, t: object) -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} has dtype {t.dtype}; use one of float16, bfloat16, float32, float64")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} is a {t.layout} tensor; pass a dense one ({name}.to_dense())")
     return t
 
 
@@ -103,6 +105,9 @@ def check_inputs(
     if torch.compiler.is_compiling():
         # A traced graph cannot branch on data: the check runs inside it instead.
         torch._assert_async(~bad.any(), "labels must be class indices in [0, C) or ignore_index")
+    elif labels.device.type == "meta":
+        raise ValueError("embeddings, weight and labels are on the meta device, which holds no values: "
+                         "the loss needs real tensors (for shapes only, trace the call with torch.compile)")
     elif batch and bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise ValueError(

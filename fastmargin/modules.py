@@ -60,6 +60,12 @@ class _MarginLoss(torch.nn.Module):
 
     def _loss(self, embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """embeddings (B, D), weight (C*K, D) any strides, labels (B,) -> the reduced loss."""
+        if isinstance(embeddings, torch.Tensor) and embeddings.dim() == 2 and embeddings.shape[1] != weight.shape[1]:
+            raise ValueError(
+                f"{type(self).__name__} holds class weights of embedding_size {weight.shape[1]}, but the "
+                f"embeddings have dim {embeddings.shape[1]}: pass embeddings of shape (batch, {weight.shape[1]}) "
+                f"or build the loss with embedding_size={embeddings.shape[1]}"
+            )
         margin = self.current_margin()
         loss = margin_cross_entropy(
             embeddings, self._weight_for(embeddings, weight), labels,

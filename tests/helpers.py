@@ -23,3 +23,24 @@ def assert_finite(what, *tensors):
         assert t is not None, f"{what}: no gradient"
         bad = ~torch.isfinite(t)
         assert not bad.any(), f"{what}: not finite at index {tuple(bad.nonzero()[0].tolist())}: {t[bad][0].item()}"
+
+
+def backend_device(name):
+    """The device whose tensors backend `name` takes here ('cpu' or 'cuda'), None when it
+    cannot run here: Triton's kernels take CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py
+    sets it without a GPU), 'cuda' only CUDA tensors. Tests that iterate backends iterate
+    usable_backends(), so a backend joins them where it can run."""
+    from fastmargin import backends
+
+    for device in ("cpu", "cuda"):
+        if backends.unavailable_reason(name, torch.device(device)) is None:
+            return torch.device(device)
+    return None
+
+
+def usable_backends(fused_only=False):
+    """[(name, device)] of the backends that can run here, in fastmargin.BACKENDS order."""
+    from fastmargin import BACKENDS
+
+    names = [b for b in BACKENDS if not (fused_only and b == "reference")]
+    return [(b, backend_device(b)) for b in names if backend_device(b) is not None]
