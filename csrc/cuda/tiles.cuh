@@ -73,8 +73,9 @@ cudaError_t with_operand(Operand op, F&& f) {
 }
 
 // v converted to To. torch compiles with __CUDA_NO_HALF_CONVERSIONS__ and friends, so the
-// 16-bit types go through their intrinsics. The cross conversions (fp16 <-> bf16, double to
-// 16-bit) exist for the compiler only: choose_operand never stages one into the other.
+// 16-bit types go through their intrinsics. fp16 <-> bf16 exists for the compiler only:
+// choose_operand never stages one into the other. double to 16-bit does run: the fp64 dW
+// kernel stores into a 16-bit dw (x fp64, W fp16/bf16), via fp32 as the Triton backend does.
 template <class To, class From>
 __device__ __forceinline__ To convert(From v) {
   if constexpr (std::is_same_v<To, From>) {
