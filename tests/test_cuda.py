@@ -27,7 +27,8 @@ from fastmargin.margins import Margin
 from helpers import assert_close, assert_finite
 from test_build import setup_py  # noqa: F401  (the fixture that imports setup.py)
 from test_cpu import (
-    GRAD_MODES, MARGINS, OPTION_MARGINS, OPTIONS, assert_rel, geometric_inputs, option_inputs, upstream_weights,
+    GRAD_MODES, MARGINS, OPTION_MARGINS, OPTIONS, assert_rel, check_against_reference, geometric_inputs,
+    option_inputs, upstream_weights,
 )
 from test_cpu import run as run_backend
 
@@ -237,32 +238,7 @@ TOL = {torch.float64: 1e-10, torch.float32: 5e-5}
 NAMES = ("loss", "lse", "d loss / d x", "d loss / d W")
 
 
-def run_gpu(x, w, y, upstream=None, **kwargs):
-    """test_cpu.run on the cuda backend, inputs moved to the device (dense views keep their
-    strides), results back on the CPU."""
-    cuda = torch.device("cuda")
-    args = (x.to(cuda), w.to(cuda), y.to(cuda), None if upstream is None else upstream.to(cuda))
-    return tuple(t.cpu() for t in run_backend("cuda", *args, **kwargs))
-
-
-def check(x, w, y, tol, what="", grad_tol=None, **kwargs):
-    """The cuda backend against the reference in float64 on the same values: loss, lse, dx,
-    dW within tol (gradients within grad_tol if given) relative; returns both results."""
-    upstream = upstream_weights(len(y))
-    got = run_gpu(x, w, y, upstream, **kwargs)
-    want = run_backend("reference", x.double(), w.double(), y, upstream, **kwargs)
-    dtype = reference.compute_dtype(x, w)
-    assert got[0].dtype == dtype and got[1].dtype == dtype, f"{what}: loss {got[0].dtype}, lse {got[1].dtype}"
-    assert got[2].dtype == x.dtype and got[3].dtype == w.dtype, f"{what}: grads {got[2].dtype}, {got[3].dtype}"
-    # As test_cpu.check_against_reference: an ignored row labelled with a real class has a
-    # disputed lse (fastmargin passes it as label -1, the reference's lse keeps the margin).
-    ignore_index = kwargs.get("ignore_index", -100)
-    kept = ~((y == ignore_index) & (y >= 0) & (y < w.shape[0] // kwargs.get("sub_centers", 1)))
-    for i, (name, a, b) in enumerate(zip(NAMES, got, want)):
-        if i == 1:
-            a, b = a[kept], b[kept]
-        assert_rel(a, b, tol if i < 2 or grad_tol is None else grad_tol, f"{what} {name}")
-    return got, want
+check = functools.partial(check_against_reference, backend="cuda")
 
 
 FLOAT_DTYPES = [pytest.param(torch.float64, id="fp64"), pytest.param(torch.float32, id="fp32")]
@@ -372,8 +348,8 @@ def test_gpu_deterministic(dtype):
     kwargs = dict(sub_centers=2, label_smoothing=0.1, reduction="none", m2=0.5)
     upstream = upstream_weights(len(y))
     for chunk in (None, 64):
-        first = run_gpu(x, w, y, upstream, chunk_size=chunk, **kwargs)
-        again = run_gpu(x, w, y, upstream, chunk_size=chunk, **kwargs)
+        first = run_backend("cuda", x, w, y, upstream, chunk_size=chunk, **kwargs)
+        again = run_backend("cuda", x, w, y, upstream, chunk_size=chunk, **kwargs)
         for name, a, b in zip(NAMES, first, again):
             assert torch.equal(a, b), f"chunk_size={chunk}: rerun differs in {name}"
 
@@ -390,7 +366,7 @@ def test_gpu_zero_rows(name):
     y[1] = 2
     kwargs = dict(reduction="none", **MARGINS[name])
     upstream = upstream_weights(5)
-    got = run_gpu(x, w, y, upstream, **kwargs)
+    got = run_backend("cuda", x, w, y, upstream, **kwargs)
     want = run_backend("reference", x, w, y, upstream, **kwargs)
     assert_finite(f"{name} zero rows", *got)
     for i, (label, a, b) in enumerate(zip(NAMES, got, want)):
@@ -412,7 +388,7 @@ def test_gpu_empty_batch_and_labels_outside():
     want = reference.row_statistics(x, w, y, Margin(m2=0.5), 64.0, 1)
     for label, a, b in zip(("lse", "z_target", "z_sum"), got, want):
         assert_rel(a.cpu(), b, TOL[torch.float64], label)
-    empty = run_gpu(x[:0], w, y[:0], m2=0.5, reduction="sum")
+    empty = run_backend("cuda", x[:0], w, y[:0], m2=0.5, reduction="sum")
     assert empty[1].shape == (0,) and not empty[3].any()
 
 

@@ -48,11 +48,22 @@ GPU = torch.cuda.is_available() and not INTERPRETED
 NO_GPU = "needs a CUDA device (the Triton kernels run compiled there; here they are interpreted)"
 
 
+# test_cpu's tests that reach the backend only through test_cpu.run, which moves the inputs
+# to the backend's device: on a GPU they run on the compiled kernels too.
+ON_ANY_DEVICE = {
+    "test_margins_match_reference", "test_options_match_reference", "test_splits", "test_deterministic",
+    "test_half_inputs", "test_ragged_shapes", "test_strided_inputs", "test_mixed_fp32_fp64",
+    "test_all_ignored_and_empty", "test_cos_plus_minus_one", "test_zero_rows",
+    "test_subcenter_gradient_goes_to_the_argmax_only", "test_subcenter_exact_tie_goes_to_the_first",
+}
+
+
 @pytest.fixture
-def backend():
-    """test_cpu's tests make CPU tensors: they run here where the kernels take them."""
-    if not INTERPRETED:
-        pytest.skip("CPU-tensor tests need TRITON_INTERPRET=1; on a GPU the gpu tests below cover the kernels")
+def backend(request):
+    """'triton' for test_cpu's tests: all of them under the interpreter, on a GPU those that
+    move their inputs to it (ON_ANY_DEVICE); the others call the ops on CPU tensors."""
+    if not INTERPRETED and (not GPU or request.function.__name__ not in ON_ANY_DEVICE):
+        pytest.skip("a test on CPU tensors: it runs where TRITON_INTERPRET=1 (tests/conftest.py without a GPU)")
     return "triton"
 
 
