@@ -13,7 +13,10 @@ walk their split's class tiles and write a partial dx̂ to a (splits, B, D) buff
 the launcher sums in a fixed order; dW programs (class tile, slice of D) walk every row
 block and write their dW rows once. Each recomputes the tile's cosines (one GEMM) and
 does one more, so forward + backward is 5 GEMMs of 2 B C D FLOPs (the 4-GEMM variant
-shares the recomputation between dx and dW, but then one of them needs atomics).
+shares the recomputation between dx and dW, but then one of them needs atomics). Where D
+is wider than BLOCK_DO, each slice of D recomputes the cosines again (at D = 512 and
+BLOCK_DO = 256: 7 GEMMs); full-width outputs spill registers on sm_90 (kernels/launch.py),
+so which costs less is a question for a GPU measurement (bench/gpu_check.sh).
 """
 
 from __future__ import annotations
