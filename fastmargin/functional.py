@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import backends, checks
-from .loss import margin_cross_entropy as margin_cross_entropy_from
+from .loss import backend_loss
 from .margins import Margin
 
 
@@ -69,12 +69,36 @@ def margin_cross_entropy(
     )
     scale = checks.check_scale(scale)
     checks.check_options(label_smoothing, reduction, ignore_index)
-    checks.check_inputs(embeddings, weight, labels, sub_centers, ignore_index)
     if chunk_size is not None:
         checks.check_positive_int("chunk_size", chunk_size)
-    row_statistics = backends.implementation(backends.select(backend, embeddings.device))
-    loss, lse = margin_cross_entropy_from(
-        row_statistics, embeddings, weight, labels, margin, scale, sub_centers,
-        float(label_smoothing), ignore_index, reduction, chunk_size,
+    loss, lse = margin_loss(
+        embeddings, weight, labels, margin, scale, sub_centers=sub_centers,
+        label_smoothing=float(label_smoothing), ignore_index=ignore_index, reduction=reduction,
+        backend=backend, chunk_size=chunk_size,
     )
     return (loss, lse) if return_lse else loss
+
+
+def margin_loss(
+    embeddings: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    margin: Margin,
+    scale: float,
+    *,
+    sub_centers: int = 1,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, lse) of margin_cross_entropy for a validated `margin`, scale and options: what
+    the modules call each step (they validated all of it once, at construction). Only the
+    tensors are checked here, as they change from call to call."""
+    checks.check_inputs(embeddings, weight, labels, sub_centers, ignore_index)
+    row_statistics = backends.implementation(backends.select(backend, embeddings.device))
+    return backend_loss(
+        row_statistics, embeddings, weight, labels, margin, scale, sub_centers,
+        label_smoothing, ignore_index, reduction, chunk_size,
+    )

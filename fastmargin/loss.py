@@ -44,7 +44,7 @@ def loss_from_statistics(
     return total if reduction == "sum" else total / valid.sum().clamp(min=1)
 
 
-def margin_cross_entropy(
+def backend_loss(
     row_statistics: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     embeddings: torch.Tensor,
     weight: torch.Tensor,

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from . import checks, reference, subcenter
-from .functional import margin_cross_entropy
+from .functional import margin_loss
 from .margins import Margin, sphereface_lambda
 
 
@@ -66,15 +66,10 @@ class _MarginLoss(torch.nn.Module):
                 f"embeddings have dim {embeddings.shape[1]}: pass embeddings of shape (batch, {weight.shape[1]}) "
                 f"or build the loss with embedding_size={embeddings.shape[1]}"
             )
-        margin = self.current_margin()
-        loss = margin_cross_entropy(
-            embeddings, self._weight_for(embeddings, weight), labels,
-            scale=self.scale, m1=margin.m1, m2=margin.m2, m3=margin.m3,
-            sphere_m=margin.sphere_m, sphere_lambda=margin.sphere_lambda,
-            sub_centers=self.sub_centers, grad_mode=margin.grad_mode,
-            theta_policy=margin.theta_policy, label_smoothing=self.label_smoothing,
-            ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend,
-            chunk_size=self.chunk_size,
+        loss, _ = margin_loss(
+            embeddings, self._weight_for(embeddings, weight), labels, self.current_margin(), self.scale,
+            sub_centers=self.sub_centers, label_smoothing=self.label_smoothing, ignore_index=self.ignore_index,
+            reduction=self.reduction, backend=self.backend, chunk_size=self.chunk_size,
         )
         if torch.is_autocast_enabled(embeddings.device.type):
             return loss

@@ -55,13 +55,13 @@ def check_rows_times_classes(backend, device, tol):
     loss, lse, dx, dw = sampled_run(backend, x, w, y, rows, **kwargs)
     xr = x[rows].double().requires_grad_(True)
     wr = w.double().requires_grad_(True)
-    want, want_lse = reference.margin_cross_entropy(xr, wr, y[rows], Margin(m2=0.5), 64.0, label_smoothing=0.1,
+    want, want_lse = reference.reference_loss(xr, wr, y[rows], Margin(m2=0.5), 64.0, label_smoothing=0.1,
                                                     reduction="none")
     want.sum().backward()
     # STYLE's bound: 4 x the error of the reference in fp32 (at D = 2 many cosines are near
     # +-1, where ArcFace's psi' is large), plus tol.
     x32, w32 = x[rows].cpu().requires_grad_(True), w.cpu().requires_grad_(True)
-    same, same_lse = reference.margin_cross_entropy(x32, w32, y[rows].cpu(), Margin(m2=0.5), 64.0,
+    same, same_lse = reference.reference_loss(x32, w32, y[rows].cpu(), Margin(m2=0.5), 64.0,
                                                     label_smoothing=0.1, reduction="none")
     same.sum().backward()
     for label, a, b, c in (("loss", loss[rows], same, want), ("lse", lse[rows], same_lse, want_lse),

@@ -102,7 +102,7 @@ def hand_inputs(K, dtype=torch.float64):
 def test_hand_values(name, K, labels, smoothing, reduction):
     kwargs, _, s, _ = HAND_MARGINS[name]
     x, w = hand_inputs(K)
-    loss, _ = reference.margin_cross_entropy(
+    loss, _ = reference.reference_loss(
         x, w, torch.tensor(labels), Margin(**kwargs), s, sub_centers=K, label_smoothing=smoothing,
         reduction=reduction,
     )
@@ -131,7 +131,7 @@ def test_matches_cross_entropy_on_margin_logits(kwargs, s, K, ignore_index, igno
     x, w, y = random_inputs(B=9, C=6, D=5, K=K)
     y[ignored_rows] = ignore_index
     margin = Margin(**kwargs)
-    loss, _ = reference.margin_cross_entropy(
+    loss, _ = reference.reference_loss(
         x, w, y, margin, s, sub_centers=K, label_smoothing=smoothing, ignore_index=ignore_index, reduction=reduction
     )
     z = reference.margin_logits(x, w, y, margin, s, sub_centers=K)
@@ -143,7 +143,7 @@ def test_lse_is_logsumexp_of_margin_logits():
     x, w, y = random_inputs(B=7, C=11, D=4, K=2)
     y[3] = -100
     margin = Margin(m1=1.1, m2=0.3, m3=0.2)
-    _, lse = reference.margin_cross_entropy(x, w, y, margin, 8.0, sub_centers=2)
+    _, lse = reference.reference_loss(x, w, y, margin, 8.0, sub_centers=2)
     want = torch.logsumexp(reference.margin_logits(x, w, y, margin, 8.0, sub_centers=2), dim=1)
     assert lse.shape == (7,)
     assert_close(lse, want, atol=1e-12, rtol=1e-12, what="lse")
@@ -219,7 +219,7 @@ def test_gradcheck(kwargs, K):
     w.requires_grad_(True)
 
     def f(x, w):
-        return reference.margin_cross_entropy(x, w, y, margin, 2.0, sub_centers=K)
+        return reference.reference_loss(x, w, y, margin, 2.0, sub_centers=K)
 
     assert torch.autograd.gradcheck(f, (x, w), eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -238,7 +238,7 @@ def test_gradcheck_options(kwargs, smoothing, reduction, ignore):
     w.requires_grad_(True)
 
     def f(x, w):
-        return reference.margin_cross_entropy(
+        return reference.reference_loss(
             x, w, y, margin, 2.0, label_smoothing=smoothing, reduction=reduction
         )
 
@@ -261,7 +261,7 @@ def test_detached_gradient(kwargs, smoothing, K):
     s = 2.0
 
     x1, w1 = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    loss, _ = reference.margin_cross_entropy(x1, w1, y, margin, s, sub_centers=K, label_smoothing=smoothing)
+    loss, _ = reference.reference_loss(x1, w1, y, margin, s, sub_centers=K, label_smoothing=smoothing)
     loss.backward()
 
     x2, w2 = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
@@ -280,7 +280,7 @@ def test_detached_gradient(kwargs, smoothing, K):
     assert_close(x1.grad, x2.grad, atol=1e-12, rtol=1e-10, what="detached d loss / d x")
     assert_close(w1.grad, w2.grad, atol=1e-12, rtol=1e-10, what="detached d loss / d W")
     # the forward value is the exact mode's; the gradient is not (the margin acts on it).
-    exact_loss, _ = reference.margin_cross_entropy(x, w, y, exact, s, sub_centers=K, label_smoothing=smoothing)
+    exact_loss, _ = reference.reference_loss(x, w, y, exact, s, sub_centers=K, label_smoothing=smoothing)
     assert_close(loss, exact_loss, atol=0.0, what="detached vs exact forward")
 
 
@@ -308,7 +308,7 @@ def test_cos_plus_minus_one(kwargs, dtype):
     y = torch.tensor([1, 2, 3])
     x = torch.stack([w[1] * 2.0, -w[2], w[3]]).requires_grad_(True)
     w.requires_grad_(True)
-    loss, lse = reference.margin_cross_entropy(x, w, y, margin, 32.0, reduction="none")
+    loss, lse = reference.reference_loss(x, w, y, margin, 32.0, reduction="none")
     cos = reference.cosine_logits(x, w, 1).gather(1, y.unsqueeze(1)).squeeze(1)
     assert_close(cos, torch.tensor([1.0, -1.0, 1.0]), atol=10 * torch.finfo(dtype).eps, what="target cosines")
     loss.sum().backward()
@@ -335,7 +335,7 @@ def test_zero_rows(kwargs, dtype):
     x.requires_grad_(True)
     w.requires_grad_(True)
     s = 8.0
-    loss, lse = reference.margin_cross_entropy(x, w, y, margin, s, reduction="none")
+    loss, lse = reference.reference_loss(x, w, y, margin, s, reduction="none")
     cos = reference.cosine_logits(x, w, 1)
     assert_close(cos[0], 0.0, atol=0.0, what="cos of the zero embedding")
     assert_close(cos[:, 2], 0.0, atol=0.0, what="cos of the zero weight row")
@@ -359,7 +359,7 @@ def test_empty_and_all_ignored(kwargs, case, reduction):
     y[:] = -100
     x.requires_grad_(True)
     w.requires_grad_(True)
-    loss, lse = reference.margin_cross_entropy(x, w, y, Margin(**kwargs), 16.0, label_smoothing=0.1, reduction=reduction)
+    loss, lse = reference.reference_loss(x, w, y, Margin(**kwargs), 16.0, label_smoothing=0.1, reduction=reduction)
     assert loss.shape == ((B,) if reduction == "none" else ())
     assert lse.shape == (B,)
     assert_close(loss, torch.zeros(loss.shape), atol=0.0, what=f"{case} loss")
@@ -379,8 +379,8 @@ def test_noncontiguous_weight(K):
     w_cd = w_dc.detach().t().contiguous().requires_grad_(True)
     assert not w_dc.t().is_contiguous()
     margin = Margin(m2=0.5)
-    out_t, lse_t = reference.margin_cross_entropy(x, w_dc.t(), y, margin, 32.0, sub_centers=K)
-    out_c, lse_c = reference.margin_cross_entropy(x, w_cd, y, margin, 32.0, sub_centers=K)
+    out_t, lse_t = reference.reference_loss(x, w_dc.t(), y, margin, 32.0, sub_centers=K)
+    out_c, lse_c = reference.reference_loss(x, w_cd, y, margin, 32.0, sub_centers=K)
     assert_close(out_t, out_c, atol=1e-12, rtol=1e-12, what="loss")
     assert_close(lse_t, lse_c, atol=1e-12, rtol=1e-12, what="lse")
     out_t.backward()
@@ -397,8 +397,8 @@ def test_half_inputs_computed_in_fp32(kwargs, dtype):
     xh, wh = x.to(dtype).requires_grad_(True), w.to(dtype).requires_grad_(True)
     xf, wf = xh.detach().float().requires_grad_(True), wh.detach().float().requires_grad_(True)
     margin = Margin(**kwargs)
-    loss_h, lse_h = reference.margin_cross_entropy(xh, wh, y, margin, 16.0)
-    loss_f, lse_f = reference.margin_cross_entropy(xf, wf, y, margin, 16.0)
+    loss_h, lse_h = reference.reference_loss(xh, wh, y, margin, 16.0)
+    loss_f, lse_f = reference.reference_loss(xf, wf, y, margin, 16.0)
     assert loss_h.dtype == torch.float32 and lse_h.dtype == torch.float32
     assert_close(loss_h, loss_f, atol=1e-6, rtol=1e-6, what="half-input loss vs fp32")
     assert_close(lse_h, lse_f, atol=1e-6, rtol=1e-6, what="half-input lse vs fp32")
