@@ -5,6 +5,11 @@
 One PNG per (CSV, dtype): fwd+bwd time, peak extra memory and fraction of the matmul rate
 against C, one line per provider, log axes, a column per (B, K). The tables go between
 the README's markers; only the latest run of each (provider, case) counts.
+
+A CSV may hold rows of several runs (a sweep, a re-run of some providers, another suite).
+A run is a (commit, date) pair of the rows: `commit` is the checkout's HEAD when the run
+started and `date` its start time (bench/measure.py environment()). Every legend entry
+and every table row names the runs its numbers come from.
 """
 
 from __future__ import annotations
@@ -44,6 +49,26 @@ def _value(row: dict) -> float | None:
     return float(row["median"]) if row.get("median") not in (None, "") else None
 
 
+def runs(rows: list[dict]) -> dict[tuple[str, str], str]:
+    """Each run of the rows, (commit, date), oldest first, with a letter: a, b, c, ..."""
+    ordered = sorted({(r["commit"], r["date"]) for r in rows}, key=lambda run: (run[1], run[0]))
+    return {run: _letter(i) for i, run in enumerate(ordered)}
+
+
+def _letter(i: int) -> str:
+    return chr(ord("a") + i) if i < 26 else f"r{i}"
+
+
+def _when(date: str) -> str:
+    """'2026-11-24T16:56:13+00:00' -> '2026-11-24 16:56 UTC' (the CSV's dates are UTC)."""
+    return f"{date[:10]} {date[11:16]} UTC"
+
+
+def _run_text(rows: list[dict]) -> str:
+    """The commits and run dates of some rows: 'ca9bb85, 2026-11-24 16:56 UTC' (several: '; ')."""
+    return "; ".join(f"{commit}, {_when(date)}" for commit, date in runs(rows))
+
+
 def _providers(rows: list[dict]) -> list[str]:
     """fastmargin first, the floor and the rate last, the rest by name."""
     def rank(name: str) -> tuple:
@@ -56,7 +81,7 @@ def _providers(rows: list[dict]) -> list[str]:
 PANELS = (  # (metric, mode, y label)
     ("time", "fwd_bwd", "fwd+bwd time, median ms\n(bars: p20-p80)"),
     ("peak_mem", "fwd_bwd", "peak extra memory, MiB"),
-    ("frac_matmul", "fwd_bwd", "fraction of the matmul rate\n(6·B·C·K·D FLOPs)"),
+    ("frac_matmul", "fwd_bwd", "fraction of the matmul rate\n(6·B·C·K·D FLOPs; the run's own rate)"),
 )
 
 
@@ -82,7 +107,11 @@ def plot_csv(path: Path, out: Path) -> list[Path]:
         palette = [plt.get_cmap("tab20")(i) for i in [*range(0, 20, 2), *range(1, 20, 2)]]
         colors = {n: palette[i % 20] for i, n in enumerate(names)}
         markers = {n: "osD^vPX"[i % 7] for i, n in enumerate(names)}  # 7: coprime to the 10 hues
-        fig, axes = plt.subplots(len(PANELS), len(groups), figsize=(4.2 * len(groups) + 3, 9.5),
+        # Each series names the commit and run date of its rows: one provider's rows may
+        # come from another run than its neighbours' (a re-run of some providers).
+        labels = {n: f"{n}  ({_run_text([r for r in these if r['provider'] == n])})" for n in names}
+        legend_in = 0.4 + 0.068 * max(len(label) for label in labels.values())  # inches at fontsize 8
+        fig, axes = plt.subplots(len(PANELS), len(groups), figsize=(4.2 * len(groups) + legend_in, 9.5),
                                  squeeze=False)
         for col, (b, k) in enumerate(groups):
             cs = sorted({r["C"] for r in these if r["B"] == b and r["K"] == k})
@@ -100,7 +129,7 @@ def plot_csv(path: Path, out: Path) -> list[Path]:
                     lo = [y - float(r["p20"]) if r["p20"] else 0 for y, (_, r) in zip(ys, points)]
                     hi = [float(r["p80"]) - y if r["p80"] else 0 for y, (_, r) in zip(ys, points)]
                     ax.errorbar(xs, ys, yerr=[lo, hi], marker=markers[name], ms=5, lw=1.3, capsize=2,
-                                color=colors[name], label=name)
+                                color=colors[name], label=labels[name])
                     ys_all += ys
                 ax.set_xscale("log")
                 ax.set_yscale("log")
@@ -118,14 +147,24 @@ def plot_csv(path: Path, out: Path) -> list[Path]:
         for ax in axes.flat:
             for handle, label in zip(*ax.get_legend_handles_labels()):
                 handles.setdefault(label, handle)
-        fig.legend(list(handles.values()), list(handles.keys()), loc="center right", fontsize=9, frameon=False)
-        fig.suptitle(f"{these[0]['device']} · torch {these[0]['torch']} · commit {these[0]['commit']}", fontsize=10)
-        fig.tight_layout(rect=(0, 0, 1 - 2.6 / fig.get_figwidth(), 0.97))
+        order = [labels[n] for n in names if labels[n] in handles]  # the tables' order
+        fig.legend([handles[label] for label in order], order, loc="center right", fontsize=8, frameon=False,
+                   title="provider  (commit, run start)", title_fontsize=8)
+        fig.suptitle(f"{_environment_text(these)}\neach series: the commit checked out and the start of the run "
+                     "that measured it", fontsize=10)
+        fig.tight_layout(rect=(0, 0, 1 - legend_in / fig.get_figwidth(), 0.96))
         target = out / f"{path.stem}_{dtype}.png"
         fig.savefig(target, dpi=110)
         plt.close(fig)
         written.append(target)
     return written
+
+
+def _environment_text(rows: list[dict]) -> str:
+    """The machine and the software versions of some rows, each distinct value once."""
+    def values(key: str) -> str:
+        return ", ".join(sorted({r[key] for r in rows if r[key]})) or "none"
+    return f"{values('device')} · torch {values('torch')} · triton {values('triton')}"
 
 
 # ---- tables -----------------------------------------------------------------------------
@@ -142,13 +181,16 @@ def _fmt(x: float) -> str:
 
 
 def tables(rows: list[dict]) -> str:
-    """Markdown tables (provider x case) of one device and dtype, and the failure reasons."""
+    """Markdown tables (provider x case) of one device and dtype, and the failure reasons.
+    Each row's `run` column gives the letters of the runs (runs()) its cells come from."""
     cases = sorted({tuple(r[k] for k in _CASE) for r in rows}, key=lambda c: (c[3], c[0], c[1]))
     names = _providers(rows)
+    letters = runs(rows)
     cell: dict[tuple, dict] = defaultdict(dict)
     notes = []
     for r in rows:
         key = (r["provider"], tuple(r[k] for k in _CASE))
+        cell[key].setdefault("rows", []).append(r)
         if r["metric"] in FAILURES:
             cell[key]["failure"] = r["metric"].upper() if r["metric"] == "oom" else r["metric"]
             notes.append(f"- {r['provider']} at {_case_label(key[1])}: {r['metric']}: {r['unit']}")
@@ -156,15 +198,18 @@ def tables(rows: list[dict]) -> str:
             cell[key][(r["metric"], r["mode"])] = r
 
     def render(title: str, show) -> str:
-        lines = [f"**{title}**", "", "| provider | " + " | ".join(_case_label(c) for c in cases) + " |",
-                 "|---|" + "---:|" * len(cases)]
+        lines = [f"**{title}**", "", "| provider | run | " + " | ".join(_case_label(c) for c in cases) + " |",
+                 "|---|---|" + "---:|" * len(cases)]
         for name in names:
-            values = []
+            values, shown = [], []
             for case in cases:
                 entry = cell.get((name, case))
                 values.append("" if entry is None else entry.get("failure") or show(entry) or "")
+                if values[-1]:
+                    shown += entry["rows"]
             if any(values):
-                lines.append(f"| {name} | " + " | ".join(values) + " |")
+                tags = ", ".join(sorted({letters[(r["commit"], r["date"])] for r in shown}))
+                lines.append(f"| {name} | {tags} | " + " | ".join(values) + " |")
         return "\n".join(lines)
 
     def time_cell(entry: dict) -> str:
@@ -188,14 +233,14 @@ def tables(rows: list[dict]) -> str:
         rate = entry.get(("tflops", "fwd"))
         if r:
             return f"{float(r['median']):.2f}"
-        return f"{float(rate['median']):.3g} TFLOP/s" if rate and "time" not in {m for m, _ in entry} else ""
+        return f"{float(rate['median']):.3g} TFLOP/s" if rate and "time" not in {k[0] for k in entry if isinstance(k, tuple)} else ""
 
     parts = [
         render("fwd+bwd time, median ms ±half the p20-p80 spread (n repeats)", time_cell),
         render("forward / backward time, median ms (a step's two halves)", split_cell),
         render("peak extra memory over inputs and gradients, MiB", mem_cell),
-        render("fraction of the measured matmul rate, fwd+bwd at 6·B·C·K·D FLOPs "
-               "(matmul_rate: the rate itself)", frac_cell),
+        render("fraction of the measured matmul rate, fwd+bwd at 6·B·C·K·D FLOPs; each fraction divides by "
+               "the rate measured in its own run (matmul_rate: the rate itself)", frac_cell),
     ]
     if notes:
         parts.append("Not measured:\n\n" + "\n".join(sorted(set(notes))))
@@ -209,16 +254,27 @@ def readme_section(csvs: list[Path], readme_dir: Path) -> str:
         for dtype in sorted({r["dtype"] for r in rows}):
             these = [r for r in rows if r["dtype"] == dtype]
             first = these[0]
-            dates = sorted({r["date"] for r in these})
             png = path.parent / f"{path.stem}_{dtype}.png"
             blocks.append(
                 f"### {first['device']}, {dtype}\n\n"
-                f"torch {first['torch']}, commit {first['commit']}, runs {dates[0][:16]} to {dates[-1][:16]} UTC; "
+                f"Machine and software: {_environment_text(these)}; "
                 f"timer {', '.join(sorted({r['timer'] for r in these if r['metric'] == 'time'}))}; "
                 f"from `{os.path.relpath(path, readme_dir)}`.\n\n"
+                + _runs_list(these) + "\n\n"
                 + tables(these)
                 + (f"\n\n![{first['device']} {dtype}]({os.path.relpath(png, readme_dir)})" if png.exists() else ""))
     return "\n\n".join(blocks) if blocks else "_No results yet: run a sweep._"
+
+
+def _runs_list(rows: list[dict]) -> str:
+    """The runs behind the tables: letter, commit, start, and which providers each measured."""
+    lines = ["Runs (the `run` column below; commit: the checkout's HEAD when the run started, "
+             "uncommitted changes not recorded):", ""]
+    for (commit, date), letter in runs(rows).items():
+        names = [n for n in _providers(rows) if any(r["provider"] == n and (r["commit"], r["date"]) == (commit, date)
+                                                    for r in rows)]
+        lines.append(f"- {letter}: commit {commit}, started {_when(date)}: {', '.join(names)}")
+    return "\n".join(lines)
 
 
 def update_readme(readme: Path, csvs: list[Path]) -> None:
