@@ -103,10 +103,15 @@ def nvidia_include_dirs(torch_cuda: str) -> list[str]:
     return [str(d) for d in (Path(r, f"cu{major}", "include") for r in roots) if d.is_dir()]
 
 
+def sources(root: Path = ROOT) -> tuple[list[str], list[str]]:
+    """(C++ sources, CUDA sources), relative to root as setuptools wants them (pip builds
+    with root as the cwd). The sdist ships both and what they include (MANIFEST.in)."""
+    cpp = ["csrc/fastmargin.cpp", *sorted(glob("csrc/cpu/*.cpp", root_dir=root))]
+    return cpp, sorted(glob("csrc/cuda/*.cu", root_dir=root))
+
+
 def extension() -> Extension:
-    # Relative to ROOT, as setuptools wants sources; pip builds with ROOT as the cwd.
-    cpp_sources = ["csrc/fastmargin.cpp", *sorted(glob("csrc/cpu/*.cpp", root_dir=ROOT))]
-    cuda_sources = sorted(glob("csrc/cuda/*.cu", root_dir=ROOT))
+    cpp_sources, cuda_sources = sources()
     cuda_home, found_by = find_cuda_home(os.environ, CUDA_HOME, lambda: nvcc_toolkit(shutil.which("nvcc")))
     with_cuda, reason = cuda_build_decision(os.environ, cuda_sources, torch.version.cuda, cuda_home)
     if with_cuda:
@@ -142,7 +147,7 @@ def extension() -> Extension:
     )
 
 
-# setuptools runs this file as __main__; tests import it for cuda_build_decision.
+# setuptools runs this file as __main__; tests import it for its functions.
 if __name__ == "__main__":
     setup(
         packages=[*find_packages(include=["fastmargin", "fastmargin.*"]), "fastmargin.kernels"],

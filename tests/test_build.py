@@ -1,9 +1,17 @@
 """The build: fastmargin._C loads and reports how it was compiled, kernels/ is installed as
-fastmargin.kernels, the version is one, and a missing CUDA part is explained."""
+fastmargin.kernels, the version is one, and a missing CUDA part is explained; the sdist
+holds what a build from it needs (with -m slow: a wheel built from it compiles and imports)."""
 
 import importlib.metadata
 import importlib.util
+import json
+import os
+import re
 import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -171,3 +179,96 @@ def test_setup_nvcc_on_path_has_a_toolkit(setup_py):
         pytest.skip("no nvcc on PATH")
     root = setup_py.nvcc_toolkit(nvcc)
     assert setup_py.has_cuda_headers(root), f"{nvcc} runs from {root}, which has no include/cuda_runtime_api.h"
+
+
+# ---------------------------------------------------------------- the source distribution
+
+QUOTED_INCLUDE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
+
+
+def included_files(sources):
+    """Every file that `sources` #include "..." (transitively), found as the compiler finds
+    it: beside the including file, then in csrc/ (setup.py's include directory)."""
+    found, todo = set(), list(sources)
+    while todo:
+        path = todo.pop()
+        for name in QUOTED_INCLUDE.findall((ROOT / path).read_text()):
+            candidates = [(ROOT / path).parent / name, ROOT / "csrc" / name]
+            hit = next((c for c in candidates if c.is_file()), None)
+            assert hit is not None, f"{path} includes {name!r}, found neither beside it nor in csrc/"
+            rel = hit.resolve().relative_to(ROOT).as_posix()
+            if rel not in found:
+                found.add(rel)
+                todo.append(rel)
+    return found
+
+
+def shipped_tree(folder):
+    return {p.relative_to(ROOT).as_posix() for p in (ROOT / folder).rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".so", ".o")}
+
+
+@pytest.fixture(scope="module")
+def sdist(tmp_path_factory):
+    """`python setup.py sdist` of this tree, its egg-info kept out of the tree too."""
+    out = tmp_path_factory.mktemp("sdist")
+    env = dict(os.environ, FASTMARGIN_SKIP_CUDA_BUILD="1")  # the sdist is the same; no nvcc asked
+    result = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(out),
+                             "sdist", "--dist-dir", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (archive,) = out.glob("*.tar.gz")
+    return archive
+
+
+def test_sdist_holds_what_the_build_needs(setup_py, sdist):
+    with tarfile.open(sdist) as tar:
+        names = tar.getnames()
+    top = names[0].split("/")[0]
+    members = {n.split("/", 1)[1] for n in names if "/" in n}
+    cpp, cuda = setup_py.sources(ROOT)
+    assert cpp and cuda, (cpp, cuda)
+    needed = {
+        "compiled": set(cpp) | set(cuda),
+        "included": included_files(cpp + cuda),
+        "package": {"setup.py", "pyproject.toml", "MANIFEST.in", "README.md"} | shipped_tree("fastmargin"),
+        "kernels": shipped_tree("kernels"),
+        "tests": shipped_tree("tests"),
+        "docs, examples, bench": shipped_tree("docs") | shipped_tree("examples") | shipped_tree("bench"),
+    }
+    assert {"csrc/cpu/margin_ce.h", "csrc/margin.h"} <= needed["included"], needed["included"]
+    for what, files in needed.items():
+        missing = sorted(files - members)
+        assert not missing, f"{sdist.name} lacks {what} files: {missing}"
+    built = sorted(m for m in members if m.endswith((".so", ".o", ".pyc")))
+    assert not built, f"{sdist.name} ships build outputs: {built}"
+    assert top == sdist.name.removesuffix(".tar.gz"), top
+
+
+@pytest.mark.slow
+def test_wheel_from_sdist_compiles_and_imports(setup_py, sdist, tmp_path):
+    """pip builds a wheel from the sdist alone (unpacked elsewhere, no registry), and
+    fastmargin._C of that wheel loads, with the CUDA kernels where setup.py compiles them
+    here. Minutes: the whole extension is compiled."""
+    wheels = tmp_path / "wheels"
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-index",
+                             "--wheel-dir", str(wheels), str(sdist)], capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    (wheel,) = wheels.glob("fastmargin-*.whl")
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    probe = ("import json, fastmargin, fastmargin.kernels\n"
+             "from fastmargin import _C\n"
+             "print(json.dumps(dict(_C.build_info(), file=fastmargin.__file__, kernels=fastmargin.kernels.__file__)))")
+    env = dict(os.environ, PYTHONPATH=str(site))
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    assert Path(info["file"]).is_relative_to(site) and Path(info["kernels"]).is_relative_to(site), info
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    home, _ = setup_py.find_cuda_home(os.environ, CUDA_HOME, lambda: setup_py.nvcc_toolkit(shutil.which("nvcc")))
+    decided, reason = setup_py.cuda_build_decision(os.environ, setup_py.sources(ROOT)[1], torch.version.cuda, home)
+    assert info["cuda"] is decided, (reason, info)
