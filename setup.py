@@ -5,7 +5,8 @@ installed, so install without build isolation:
     pip install torch==2.14.1 && pip install --no-build-isolation -e ".[test]"
 
 FASTMARGIN_SKIP_CUDA_BUILD=1 builds the CPU part only; TORCH_CUDA_ARCH_LIST picks the GPU
-architectures (default "8.0;9.0", A100 and H100; the kernels need 8.0 or newer). The toolkit
+architectures (default "8.0;9.0+PTX": A100 and H100 machine code, and sm_90 PTX that the
+driver compiles for newer GPUs; the kernels need 8.0 or newer). The toolkit
 is CUDA_HOME if set, else the first of torch's guess, the toolkit the nvcc on PATH runs
 from and /usr/local/cuda that has the headers (find_cuda_home); the build prints which.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
@@ -27,7 +29,8 @@ from torch.utils import cpp_extension
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
+# PTX for the newest: without it an sm_100 or sm_120 GPU finds "no kernel image".
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 
 
 def has_cuda_headers(root: str | None) -> bool:
@@ -110,6 +113,32 @@ def sources(root: Path = ROOT) -> tuple[list[str], list[str]]:
     return cpp, sorted(glob("csrc/cuda/*.cu", root_dir=root))
 
 
+def cuda_arch_flags(arch_list: str) -> tuple[list[str], list[str]]:
+    """nvcc's -gencode flags for a TORCH_CUDA_ARCH_LIST ("8.0;9.0+PTX": machine code for
+    each, PTX too for a +PTX one), and the targets they build ("sm_80", "sm_90",
+    "compute_90"), which build_info() reports. Given to nvcc, they keep cpp_extension
+    from adding its own."""
+    flags, targets = [], []
+    for entry in filter(None, re.split(r"[;\s]+", arch_list)):
+        match = re.fullmatch(r"(\d+)\.(\d)([af]?)(\+PTX)?", entry)
+        if match is None or int(match[1]) < 8:
+            raise ValueError(f"TORCH_CUDA_ARCH_LIST={arch_list!r}: {entry!r} is not an architecture of 8.0 or newer "
+                             f"written as major.minor[+PTX] (the kernels need 8.0; default {DEFAULT_CUDA_ARCH_LIST!r})")
+        num = match[1] + match[2] + match[3]
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        targets.append(f"sm_{num}")
+        if match[4]:
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+            targets.append(f"compute_{num}")
+    if not flags:
+        raise ValueError(f"TORCH_CUDA_ARCH_LIST={arch_list!r} names no architecture")
+    return flags, targets
+
+
+def nvcc_flags(arch_flags: Sequence[str]) -> list[str]:
+    return ["-O3", *arch_flags]
+
+
 def extension() -> Extension:
     cpp_sources, cuda_sources = sources()
     cuda_home, found_by = find_cuda_home(os.environ, CUDA_HOME, lambda: nvcc_toolkit(shutil.which("nvcc")))
@@ -133,8 +162,9 @@ def extension() -> Extension:
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=["-fopenmp"],
         )
-    # Without a list cpp_extension asks the (possibly absent) GPU which arch to build.
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
+    # An explicit list: without one cpp_extension asks the (possibly absent) GPU.
+    arch_flags, targets = cuda_arch_flags(os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCH_LIST)
+    print(f"fastmargin: CUDA targets {','.join(targets)}")
     # cpp_extension finds nvcc, headers and libraries through its module-level CUDA_HOME.
     cpp_extension.CUDA_HOME = cuda_home
     return CUDAExtension(
@@ -142,7 +172,9 @@ def extension() -> Extension:
         cpp_sources + cuda_sources,
         include_dirs=include_dirs + nvidia_include_dirs(torch.version.cuda),
         define_macros=[("FASTMARGIN_WITH_CUDA", None)],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+        # For the binding file alone: nvcc would split a -D value at its commas.
+        extra_compile_args={"cxx": [*cxx_flags, f"-DFASTMARGIN_CUDA_ARCHS={json.dumps(','.join(targets))}"],
+                            "nvcc": nvcc_flags(arch_flags)},
         extra_link_args=["-fopenmp"],
     )
 

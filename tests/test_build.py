@@ -1,6 +1,7 @@
 """The build: fastmargin._C loads and reports how it was compiled, kernels/ is installed as
-fastmargin.kernels, the version is one, and a missing CUDA part is explained; the sdist
-holds what a build from it needs (with -m slow: a wheel built from it compiles and imports)."""
+fastmargin.kernels, the version is one, and a missing CUDA part is explained; setup.py's
+nvcc flags (architectures, PTX); the sdist holds what a build from it
+needs (with -m slow: a wheel built from it compiles and imports)."""
 
 import importlib.metadata
 import importlib.util
@@ -179,6 +180,63 @@ def test_setup_nvcc_on_path_has_a_toolkit(setup_py):
         pytest.skip("no nvcc on PATH")
     root = setup_py.nvcc_toolkit(nvcc)
     assert setup_py.has_cuda_headers(root), f"{nvcc} runs from {root}, which has no include/cuda_runtime_api.h"
+
+
+# ---------------------------------------------------------------- nvcc flags
+
+
+@pytest.mark.parametrize("arch_list, targets", [
+    ("8.0;9.0+PTX", ["sm_80", "sm_90", "compute_90"]),
+    ("8.0 8.6;9.0a", ["sm_80", "sm_86", "sm_90a"]),
+    ("12.0+PTX;", ["sm_120", "compute_120"]),
+])
+def test_setup_cuda_arch_flags(setup_py, arch_list, targets):
+    flags, built = setup_py.cuda_arch_flags(arch_list)
+    assert built == targets, (arch_list, built)
+    for target in targets:
+        num = target.split("_")[1]
+        code = f"-gencode=arch=compute_{num},code={target}"
+        assert code in flags, (code, flags)
+    assert len(flags) == len(targets), flags
+
+
+@pytest.mark.parametrize("arch_list", ["7.5;8.0", "Hopper", "9.0+SASS", "", "native"])
+def test_setup_cuda_arch_flags_refuses(setup_py, arch_list):
+    with pytest.raises(ValueError, match="TORCH_CUDA_ARCH_LIST"):
+        setup_py.cuda_arch_flags(arch_list)
+
+
+def test_setup_default_archs_ship_ptx_for_the_newest(setup_py):
+    """The driver compiles PTX for GPUs newer than every SASS target (sm_100, sm_120):
+    without it they find no kernel image."""
+    flags, targets = setup_py.cuda_arch_flags(setup_py.DEFAULT_CUDA_ARCH_LIST)
+    newest = max((t.split("_")[1] for t in targets if t.startswith("sm_")), key=lambda n: int(n.rstrip("af")))
+    assert f"compute_{newest}" in targets, targets
+    assert f"-gencode=arch=compute_{newest},code=compute_{newest}" in setup_py.nvcc_flags(flags)
+
+
+def test_built_extension_carries_ptx(build_info, setup_py):
+    """cuobjdump finds PTX in fastmargin._C for every compute_ target the build recorded
+    (build_info()['cuda_archs']; a build that predates it: setup.py's list here)."""
+    if not build_info["cuda"]:
+        pytest.skip("this build has no CUDA kernels")
+    from test_cuda import find_cuobjdump
+
+    cuobjdump = find_cuobjdump()
+    if cuobjdump is None:
+        pytest.skip("no cuobjdump on PATH, in $CUDA_HOME/bin, /usr/local/cuda/bin or Triton's backends/nvidia/bin")
+    recorded = build_info.get("cuda_archs")
+    targets = recorded.split(",") if recorded else setup_py.cuda_arch_flags(
+        os.environ.get("TORCH_CUDA_ARCH_LIST") or setup_py.DEFAULT_CUDA_ARCH_LIST)[1]
+    from fastmargin import _C
+
+    result = subprocess.run([cuobjdump, "-lptx", _C.__file__], capture_output=True, text=True, timeout=120)
+    listed = set(re.findall(r"\.(sm_\d+[af]?)\.ptx", result.stdout))
+    wanted = {t.replace("compute_", "sm_") for t in targets if t.startswith("compute_")}
+    assert wanted, f"the build targets {targets}: no PTX for GPUs newer than its SASS"
+    assert wanted <= listed, (f"{_C.__file__}: PTX for {sorted(listed)} (cuobjdump -lptx: {result.stdout.strip()!r} "
+                              f"{result.stderr.strip()!r}), wanted {sorted(wanted)}. Reinstall: "
+                              "pip install --no-build-isolation -e .")
 
 
 # ---------------------------------------------------------------- the source distribution
