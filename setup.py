@@ -136,7 +136,10 @@ def cuda_arch_flags(arch_list: str) -> tuple[list[str], list[str]]:
 
 
 def nvcc_flags(arch_flags: Sequence[str]) -> list[str]:
-    return ["-O3", *arch_flags]
+    # No FMA contraction (-fmad=false): each intended FMA is an explicit fma() or a
+    # tensor-core op, and ptxas must not contract the margin psi one way in the forward
+    # and another in the backward (nor z = S cos, DESIGN §1).
+    return ["-O3", "-fmad=false", *arch_flags]
 
 
 def extension() -> Extension:

@@ -1,6 +1,6 @@
 """The build: fastmargin._C loads and reports how it was compiled, kernels/ is installed as
 fastmargin.kernels, the version is one, and a missing CUDA part is explained; setup.py's
-nvcc flags (architectures, PTX); the sdist holds what a build from it
+nvcc flags (architectures, PTX, no FMA contraction); the sdist holds what a build from it
 needs (with -m slow: a wheel built from it compiles and imports)."""
 
 import importlib.metadata
@@ -213,6 +213,11 @@ def test_setup_default_archs_ship_ptx_for_the_newest(setup_py):
     newest = max((t.split("_")[1] for t in targets if t.startswith("sm_")), key=lambda n: int(n.rstrip("af")))
     assert f"compute_{newest}" in targets, targets
     assert f"-gencode=arch=compute_{newest},code=compute_{newest}" in setup_py.nvcc_flags(flags)
+
+
+def test_setup_nvcc_does_not_contract_fma(setup_py):
+    flags = setup_py.nvcc_flags(setup_py.cuda_arch_flags(setup_py.DEFAULT_CUDA_ARCH_LIST)[0])
+    assert "-fmad=false" in flags, flags
 
 
 def test_built_extension_carries_ptx(build_info, setup_py):
