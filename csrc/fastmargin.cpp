@@ -1,9 +1,11 @@
 // fastmargin._C: the one binding file, the only source that includes torch/extension.h
-// (STYLE "What we take"). CUDA kernels take plain pointers (csrc/cuda/margin_ce.h): this
-// file checks, allocates, computes the norms, plans and launches them, and merges their
-// partial results in a fixed order. The CPU kernel uses ATen for its GEMMs and thread pool,
-// and its header declares only ATen types. The CUDA launch plan (csrc/cuda/launch_plan.h)
-// is plain C++ and bound in every build, so CPU-only CI tests it.
+// (STYLE "What we take"): it unpacks the ops' arguments and calls the kernels. The ops'
+// inputs are checked once, by fastmargin/fused.py, before any backend runs; the compute
+// dtype is the lowered margin's (params). CUDA kernels take plain pointers
+// (csrc/cuda/margin_ce.h) and return per-split partial results to fastmargin/gpu_host.py,
+// which merges them for both GPU backends. The CPU kernel uses ATen for its GEMMs and
+// thread pool, and its header declares only ATen types. The CUDA launch plan
+// (csrc/cuda/launch_plan.h) is plain C++ and bound in every build, so CPU-only CI tests it.
 
 #include <torch/extension.h>
 #include <torch/version.h>
@@ -22,6 +24,7 @@
 
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "cpu/margin_ce.h"
 #include "cuda/launch_plan.h"
@@ -29,31 +32,79 @@
 
 namespace {
 
-// The flat option list of fastmargin/fused.py's OPTIONS_SCHEMA, in its order.
-fastmargin::LossOptions loss_options(double scale, double m1, double m2, double m3, int64_t sphere_m,
-                                     double sphere_lambda, bool clamp_theta, bool detached, int64_t sub_centers,
-                                     int64_t chunk) {
-  return {scale, m1, m2, m3, sphere_m, sphere_lambda, clamp_theta, detached, sub_centers, chunk};
+// fastmargin.margins.Margin.flags: (kind, sphere_m, clamp_theta, detached).
+fastmargin::MarginFlags margin_flags(const std::vector<int64_t>& flags) {
+  TORCH_CHECK(flags.size() == 4, "fastmargin: margin flags are (kind, sphere_m, clamp_theta, detached), got ",
+              flags.size(), " values");
+  fastmargin::MarginFlags f;
+  f.kind = static_cast<int>(flags[0]);
+  f.sphere_m = static_cast<int>(flags[1]);
+  f.clamp_theta = flags[2] != 0;
+  f.detached = flags[3] != 0;
+  return f;
 }
 
+// The ops' arguments after the tensors, in fastmargin/fused.py's OP_ARGS order. allow_tf32
+// concerns the GPU backends' fp32 GEMMs: the CPU kernel's are ATen's, always exact.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_forward(const at::Tensor& x, const at::Tensor& w,
-                                                           const at::Tensor& labels, double scale, double m1,
-                                                           double m2, double m3, int64_t sphere_m,
-                                                           double sphere_lambda, bool clamp_theta, bool detached,
-                                                           int64_t sub_centers, int64_t chunk) {
-  return fastmargin::margin_ce_cpu_forward(
-      x, w, labels, loss_options(scale, m1, m2, m3, sphere_m, sphere_lambda, clamp_theta, detached, sub_centers, chunk));
+                                                           const at::Tensor& labels, const at::Tensor& params,
+                                                           const std::vector<int64_t>& flags, int64_t sub_centers,
+                                                           int64_t chunk, bool /*allow_tf32*/) {
+  return fastmargin::margin_ce_cpu_forward(x, w, labels, params, margin_flags(flags), sub_centers, chunk);
 }
 
 std::tuple<at::Tensor, at::Tensor> cpu_backward(const at::Tensor& grad_lse, const at::Tensor& grad_target,
                                                 const at::Tensor& grad_sum, const at::Tensor& x, const at::Tensor& w,
-                                                const at::Tensor& labels, const at::Tensor& lse, double scale,
-                                                double m1, double m2, double m3, int64_t sphere_m,
-                                                double sphere_lambda, bool clamp_theta, bool detached,
-                                                int64_t sub_centers, int64_t chunk) {
-  return fastmargin::margin_ce_cpu_backward(
-      grad_lse, grad_target, grad_sum, x, w, labels, lse,
-      loss_options(scale, m1, m2, m3, sphere_m, sphere_lambda, clamp_theta, detached, sub_centers, chunk));
+                                                const at::Tensor& labels, const at::Tensor& lse,
+                                                const at::Tensor& params, const std::vector<int64_t>& flags,
+                                                int64_t sub_centers, int64_t chunk, bool /*allow_tf32*/) {
+  return fastmargin::margin_ce_cpu_backward(grad_lse, grad_target, grad_sum, x, w, labels, lse, params,
+                                            margin_flags(flags), sub_centers, chunk);
+}
+
+// psi and psi' of csrc/margin.h (the code the CPU and CUDA kernels run) on a CPU tensor of
+// cosines, in params' dtype, with column 0 of params: tests/test_margin_math.py holds it to
+// the PyTorch and Triton twins.
+std::tuple<at::Tensor, at::Tensor> margin_math(const at::Tensor& cos, const at::Tensor& params,
+                                               const std::vector<int64_t>& flags) {
+  TORCH_CHECK(cos.device().is_cpu() && params.device().is_cpu() && params.dim() == 2 &&
+                  params.size(0) == fastmargin::kNumParams,
+              "fastmargin margin_math: CPU tensors, params (", fastmargin::kNumParams, ", R)");
+  const fastmargin::MarginFlags f = margin_flags(flags);
+  const at::Tensor c = cos.to(params.scalar_type()).contiguous();
+  at::Tensor value = at::empty_like(c), grad = at::empty_like(c);
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "margin_math", [&] {
+    const at::Tensor p = params.contiguous();
+    const auto m = fastmargin::margin_row(p.data_ptr<scalar_t>(), p.stride(0), int64_t(0), int64_t(0));
+    const scalar_t* in = c.data_ptr<scalar_t>();
+    scalar_t* v = value.data_ptr<scalar_t>();
+    scalar_t* g = grad.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < c.numel(); ++i) {
+      v[i] = fastmargin::psi(in[i], m, f);
+      g[i] = fastmargin::psi_grad(in[i], m, f);
+    }
+  });
+  return {value, grad};
+}
+
+// The enums the kernels share with fastmargin/margins.py (kind, params' rows), by name.
+pybind11::dict margin_layout() {
+  pybind11::dict kinds, params;
+  kinds["ADDITIVE"] = int(fastmargin::kAdditive);
+  kinds["ARC"] = int(fastmargin::kArc);
+  kinds["COMBINED"] = int(fastmargin::kCombined);
+  kinds["SPHERE"] = int(fastmargin::kSphere);
+  const char* names[] = {"scale", "m1", "m2", "m3", "sphere_lambda", "cos_m2", "sin_m2", "cos_theta_limit",
+                         "fallback_shift", "cos_lo", "cos_hi"};
+  static_assert(sizeof(names) / sizeof(names[0]) == fastmargin::kNumParams, "one name a param");
+  const int rows[] = {fastmargin::kScale, fastmargin::kM1, fastmargin::kM2, fastmargin::kM3,
+                      fastmargin::kSphereLambda, fastmargin::kCosM2, fastmargin::kSinM2, fastmargin::kCosThetaLimit,
+                      fastmargin::kFallbackShift, fastmargin::kCosLo, fastmargin::kCosHi};
+  for (int i = 0; i < fastmargin::kNumParams; ++i) params[names[i]] = rows[i];
+  pybind11::dict layout;
+  layout["kinds"] = kinds;
+  layout["params"] = params;
+  return layout;
 }
 
 namespace cu = fastmargin::cuda;
@@ -115,53 +166,36 @@ cu::DType dtype_of(const at::Tensor& t) {
 
 cu::Matrix matrix(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1), dtype_of(t)}; }
 
-// One call's checks, plan, norms and the pointers every kernel reads (the tensors they
-// point into are kept here).
+// One call's plan and the pointers every kernel reads; the norms come from
+// fastmargin/gpu_host.py, in the compute dtype (params').
 struct CudaCall {
-  at::ScalarType type;  // the compute dtype: float64 if x or w is, else float32
   cu::LaunchPlan plan;
   cu::MarginCeArgs args{};
-  at::Tensor labels, x_norm, x_inv_norm, w_norm, w_inv_norm;
+  at::Tensor labels, params;
 
-  CudaCall(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels_, double scale, double m1, double m2,
-           double m3, int64_t sphere_m, double sphere_lambda, bool clamp_theta, bool detached, int64_t sub_centers,
-           int64_t chunk) {
-    TORCH_CHECK(x.is_cuda() && w.is_cuda() && labels_.is_cuda(), "fastmargin cuda: every tensor must be on a CUDA "
-                "device, got x on ", x.device(), ", w on ", w.device(), ", labels on ", labels_.device());
-    TORCH_CHECK(x.device() == w.device() && w.device() == labels_.device(),
-                "fastmargin cuda: x, w and labels must be on one device, got ", x.device(), ", ", w.device(), ", ",
-                labels_.device());
-    TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && w.size(1) == x.size(1),
-                "fastmargin cuda: x must be (B, D) and w (C*K, D), got ", x.sizes(), " and ", w.sizes());
-    TORCH_CHECK(sub_centers >= 1 && w.size(0) % sub_centers == 0 && w.size(0) >= sub_centers, "fastmargin cuda: w has ",
-                w.size(0), " rows, not a positive multiple of sub_centers=", sub_centers);
-    TORCH_CHECK(labels_.scalar_type() == at::kLong && labels_.dim() == 1 && labels_.size(0) == x.size(0),
-                "fastmargin cuda: labels must be int64 of shape (", x.size(0), ",)");
-    type = (x.scalar_type() == at::kDouble || w.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
-    const int64_t B = x.size(0), D = x.size(1);
-    if (B == 0) return;
+  CudaCall(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels_, const at::Tensor& x_norm,
+           const at::Tensor& x_inv_norm, const at::Tensor& w_inv_norm, const at::Tensor& params_,
+           const std::vector<int64_t>& flags, int64_t sub_centers, int64_t chunk, bool allow_tf32) {
+    const int64_t B = x.size(0);
     const cudaDeviceProp* prop = at::cuda::getDeviceProperties(x.device().index());
-    plan = cu::make_launch_plan(B, w.size(0) / sub_centers, D, sub_centers, dtype_of(x), dtype_of(w),
-                                at::globalContext().allowTF32CuBLAS(), prop->major * 10 + prop->minor,
-                                prop->multiProcessorCount, chunk, static_cast<int64_t>(prop->sharedMemPerBlockOptin));
+    plan = cu::make_launch_plan(B, w.size(0) / sub_centers, x.size(1), sub_centers, dtype_of(x), dtype_of(w),
+                                allow_tf32, prop->major * 10 + prop->minor, prop->multiProcessorCount, chunk,
+                                static_cast<int64_t>(prop->sharedMemPerBlockOptin));
     labels = labels_.contiguous();
-    x_norm = at::linalg_vector_norm(x, 2, at::IntArrayRef{1}, false, type);
-    x_inv_norm = x_norm.clamp_min(fastmargin::kNormEps).reciprocal();
-    w_norm = at::linalg_vector_norm(w, 2, at::IntArrayRef{1}, false, type);
-    w_inv_norm = w_norm.clamp_min(fastmargin::kNormEps).reciprocal();
+    params = params_;
     args.x = matrix(x);
     args.w = matrix(w);
     args.labels = labels.data_ptr<int64_t>();
     args.x_norm = x_norm.data_ptr();
     args.x_inv_norm = x_inv_norm.data_ptr();
-    args.w_norm = w_norm.data_ptr();
     args.w_inv_norm = w_inv_norm.data_ptr();
-    args.scale = scale;
-    args.margin = fastmargin::make_margin_params(m1, m2, m3, static_cast<int>(sphere_m), sphere_lambda, clamp_theta,
-                                                 detached);
+    args.params = params.data_ptr();
+    args.stride_param = params.stride(0);
+    args.stride_row = params.size(1) == 1 ? 0 : params.stride(1);
+    args.flags = margin_flags(flags);
   }
 
-  at::Tensor buffer(at::IntArrayRef shape) const { return at::empty(shape, x_norm.options()); }
+  at::Tensor buffer(at::IntArrayRef shape) const { return at::empty(shape, params.options()); }
 };
 
 void check_launch(cudaError_t err, const char* what) {
@@ -169,17 +203,14 @@ void check_launch(cudaError_t err, const char* what) {
               cudaGetErrorString(err));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_forward(const at::Tensor& x, const at::Tensor& w,
-                                                            const at::Tensor& labels, double scale, double m1,
-                                                            double m2, double m3, int64_t sphere_m,
-                                                            double sphere_lambda, bool clamp_theta, bool detached,
-                                                            int64_t sub_centers, int64_t chunk) {
+// Per split s, (splits, B) each: the running max and sum of exp(z - max), Σ_j z_ij and z_iy
+// over the split's classes; fastmargin/gpu_host.py merges them.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_forward(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels, const at::Tensor& x_norm,
+    const at::Tensor& x_inv_norm, const at::Tensor& w_inv_norm, const at::Tensor& params,
+    const std::vector<int64_t>& flags, int64_t sub_centers, int64_t chunk, bool allow_tf32) {
   const c10::cuda::CUDAGuard guard(x.device());
-  CudaCall call(x, w, labels, scale, m1, m2, m3, sphere_m, sphere_lambda, clamp_theta, detached, sub_centers, chunk);
-  if (x.size(0) == 0) {
-    const auto empty = at::empty({0}, x.options().dtype(call.type));
-    return {empty, empty.clone(), empty.clone()};
-  }
+  CudaCall call(x, w, labels, x_norm, x_inv_norm, w_inv_norm, params, flags, sub_centers, chunk, allow_tf32);
   const int64_t B = x.size(0), splits = call.plan.splits;
   at::Tensor row_max = call.buffer({splits, B}), row_sum_exp = call.buffer({splits, B});
   at::Tensor z_sum = call.buffer({splits, B}), z_target = call.buffer({splits, B});
@@ -188,33 +219,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_forward(const at::Tensor& x,
   call.args.z_sum = z_sum.data_ptr();
   call.args.z_target = z_target.data_ptr();
   check_launch(cu::margin_ce_forward(call.plan, call.args, at::cuda::getCurrentCUDAStream()), "forward");
-  // The fixed-order merge of the splits: lse = M + log Σ_s l_s exp(m_s - M).
-  const at::Tensor top = row_max.amax(0);
-  const at::Tensor lse = top + (row_sum_exp * (row_max - top).exp()).sum(0).log();
-  const at::Tensor z_sum_all = z_sum.sum(0);
-  // A NaN logit can vanish from the running max; z_sum keeps it.
-  return {at::where(z_sum_all.isnan(), z_sum_all, lse), z_target.sum(0), z_sum_all};
+  return {row_max, row_sum_exp, z_sum, z_target};
 }
 
-std::tuple<at::Tensor, at::Tensor> cuda_backward(const at::Tensor& grad_lse, const at::Tensor& grad_target,
-                                                 const at::Tensor& grad_sum, const at::Tensor& x, const at::Tensor& w,
-                                                 const at::Tensor& labels, const at::Tensor& lse, double scale,
-                                                 double m1, double m2, double m3, int64_t sphere_m,
-                                                 double sphere_lambda, bool clamp_theta, bool detached,
-                                                 int64_t sub_centers, int64_t chunk) {
+// (dx̂ per split (splits, B, D), Σ_j dz_ij zc_ij per split (splits, B), dw like w): the
+// kernels' half of the backward; fastmargin/gpu_host.py sums the splits and finishes dx.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_backward(
+    const at::Tensor& g_lse, const at::Tensor& g_target, const at::Tensor& g_sum, const at::Tensor& x,
+    const at::Tensor& w, const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& x_norm,
+    const at::Tensor& x_inv_norm, const at::Tensor& w_norm, const at::Tensor& w_inv_norm, const at::Tensor& params,
+    const std::vector<int64_t>& flags, int64_t sub_centers, int64_t chunk, bool allow_tf32) {
   const c10::cuda::CUDAGuard guard(x.device());
-  CudaCall call(x, w, labels, scale, m1, m2, m3, sphere_m, sphere_lambda, clamp_theta, detached, sub_centers, chunk);
+  CudaCall call(x, w, labels, x_norm, x_inv_norm, w_inv_norm, params, flags, sub_centers, chunk, allow_tf32);
   // Gradients laid out like their inputs (empty_like keeps a dense tensor's strides: PML's
   // W.t() gets a gradient whose .t() is contiguous); the dW kernel writes along dw's strides.
   at::Tensor dw = at::empty_like(w);
-  if (x.size(0) == 0) return {at::empty_like(x), dw.zero_()};
-  // The gradient of loss.sum() arrives with stride 0: the kernels read contiguous vectors.
-  const at::Tensor lse_c = lse.to(call.type).contiguous(), g_lse = grad_lse.to(call.type).contiguous();
-  const at::Tensor g_target = grad_target.to(call.type).contiguous(), g_sum = grad_sum.to(call.type).contiguous();
   const int64_t B = x.size(0), D = x.size(1), splits = call.plan.splits;
   at::Tensor dx_hat = call.buffer({splits, B, D}), norm_grad = call.buffer({splits, B});
   cu::MarginCeArgs& a = call.args;
-  a.lse = lse_c.data_ptr();
+  a.w_norm = w_norm.data_ptr();
+  a.lse = lse.data_ptr();
   a.g_lse = g_lse.data_ptr();
   a.g_target = g_target.data_ptr();
   a.g_sum = g_sum.data_ptr();
@@ -225,21 +249,7 @@ std::tuple<at::Tensor, at::Tensor> cuda_backward(const at::Tensor& grad_lse, con
   a.stride_dwd = dw.stride(1);
   a.dw_dtype = dtype_of(dw);
   check_launch(cu::margin_ce_backward(call.plan, a, at::cuda::getCurrentCUDAStream()), "backward");
-  // dx_i = (dx̂_i - x̂_i a_i) / n_i, a_i = <x̂_i, dx̂_i> (0 below kNormEps, as for dW), plus
-  // SphereFace's gradient through S_i = s ||x_i||: s Σ_j dz_ij zc_ij x_i / ||x_i||.
-  const at::Tensor dx_hat_all = dx_hat.sum(0);
-  const at::Tensor x_c = x.to(call.type);
-  const at::Tensor inv = call.x_inv_norm.unsqueeze(1);
-  const at::Tensor x_hat = x_c * inv;
-  const at::Tensor radial = at::where(call.x_norm < fastmargin::kNormEps, at::zeros_like(call.x_norm),
-                                      (x_hat * dx_hat_all).sum(1));
-  at::Tensor dx = (dx_hat_all - x_hat * radial.unsqueeze(1)) * inv;
-  if (sphere_m) {
-    const at::Tensor per_row = at::where(call.x_norm > 0, scale * norm_grad.sum(0) / call.x_norm,
-                                         at::zeros_like(call.x_norm));
-    dx = dx + x_c * per_row.unsqueeze(1);
-  }
-  return {at::empty_like(x).copy_(dx), dw};
+  return {dx_hat, norm_grad, dw};
 }
 
 #endif  // FASTMARGIN_WITH_CUDA
@@ -282,6 +292,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Fused margin logits' row statistics on the CPU: (lse, z_target, z_sum), each (B,) (csrc/cpu/margin_ce.h).");
   m.def("cpu_backward", &cpu_backward,
         "Their backward: (dx, dw) from the statistics' gradients (csrc/cpu/margin_ce.h).");
+  m.def("margin_math", &margin_math, "psi and psi' of csrc/margin.h on a CPU tensor of cosines: (psi, psi').");
+  m.def("margin_layout", &margin_layout, "csrc/margin.h's Kind and Param values by name.");
   m.def("cuda_launch_plan", &cuda_launch_plan,
         "The CUDA kernels' launch plan (csrc/cuda/launch_plan.h) as a dict: operand, tiles, grids, splits, "
         "shared memory. Raises ValueError when the kernels cannot run the problem.",
@@ -290,9 +302,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("chunk"), pybind11::arg("max_smem"));
 #ifdef FASTMARGIN_WITH_CUDA
   m.def("cuda_forward", &cuda_forward,
-        "Fused margin logits' row statistics on a CUDA device: (lse, z_target, z_sum), each (B,) (csrc/cuda/margin_ce.h).");
+        "The fused forward's per-split partials on a CUDA device: (row_max, row_sum_exp, z_sum, z_target), each "
+        "(splits, B) (csrc/cuda/margin_ce.h).");
   m.def("cuda_backward", &cuda_backward,
-        "Their backward: (dx, dw) from the statistics' gradients (csrc/cuda/margin_ce_bwd.cu).");
+        "The fused backward's partials: (dx_hat (splits, B, D), norm_grad (splits, B), dw) (csrc/cuda/margin_ce_bwd.cu).");
 #endif
   m.def("build_info", &build_info,
         "How fastmargin._C was compiled: CUDA and its version, OpenMP, compiler, torch.");

@@ -1,9 +1,11 @@
 // The margin math of DESIGN §1-2, once for C++ and CUDA: psi (the target transform) and psi'.
-// The PyTorch twin is fastmargin/margins.py; tests hold the two to each other and to hand
-// values. Plain C++, no torch headers: CUDA kernel files include it too.
+// fastmargin/margins.py (PyTorch) and kernels/margin.py (Triton) compute the same expressions
+// with the same branches; tests/test_margin_math.py holds the three to each other. Plain C++,
+// no torch headers: the CUDA kernel files include it too.
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #if defined(__CUDACC__)
 #define FM_HD __host__ __device__ __forceinline__
@@ -18,36 +20,40 @@ constexpr double kCosEps = 1e-7;
 constexpr double kNormEps = 1e-12;
 constexpr double kPi = 3.14159265358979323846;
 
-// Which psi, with the constants derived from the user's margins on the host once.
-struct MarginParams {
-  double m1 = 1.0, m2 = 0.0, m3 = 0.0;
-  int sphere_m = 0;             // SphereFace integer margin; 0 = not SphereFace
-  double sphere_lambda = 0.0;   // SphereFace annealing weight
-  bool clamp_theta = false;     // theta_policy 'clamp' (else 'fallback')
-  bool detached = false;        // grad_mode 'detached': psi' := 1
-  double cos_theta_limit = -1;  // cos(theta*), theta* = (pi - m2) / m1; -1 when never reached
-  double fallback_shift = 0.0;  // h: psi = cos - m3 - h past theta* (fastmargin.margins.Margin)
+// Which psi: fastmargin.margins' ADDITIVE, ARC, COMBINED, SPHERE.
+enum Kind : int { kAdditive = 0, kArc = 1, kCombined = 2, kSphere = 3 };
 
-  FM_HD bool is_sphereface() const { return sphere_m > 0; }
-  FM_HD bool is_additive_cosine() const { return sphere_m == 0 && m1 == 1.0 && m2 == 0.0; }
+// The rows of the params tensor (fastmargin.margins.PARAMS, same order).
+enum Param : int {
+  kScale, kM1, kM2, kM3, kSphereLambda, kCosM2, kSinM2, kCosThetaLimit, kFallbackShift, kCosLo, kCosHi, kNumParams
 };
 
-inline MarginParams make_margin_params(double m1, double m2, double m3, int sphere_m, double sphere_lambda,
-                                       bool clamp_theta, bool detached) {
-  MarginParams p;
-  p.m1 = m1; p.m2 = m2; p.m3 = m3;
-  p.sphere_m = sphere_m; p.sphere_lambda = sphere_lambda;
-  p.clamp_theta = clamp_theta; p.detached = detached;
-  const double theta_limit = (kPi - m2) / m1;
-  p.cos_theta_limit = theta_limit < kPi ? std::cos(theta_limit) : -1.0;
-  p.fallback_shift = std::fmax(m2 * std::sin(m2) + std::cos(m2), 1.0) + std::cos(theta_limit);
+// fastmargin.margins.Margin.flags: the branches, fixed for a call.
+struct MarginFlags {
+  int kind = kAdditive;
+  int sphere_m = 0;          // SphereFace's integer margin (kind kSphere)
+  bool clamp_theta = false;  // theta_policy 'clamp' (else 'fallback')
+  bool detached = false;     // grad_mode 'detached': psi' := 1
+};
+
+// One row's params: column `row` of the (kNumParams, R) params tensor, read through its
+// strides (stride_row 0 when every row shares column 0).
+template <typename T>
+struct MarginParams {
+  T v[kNumParams];
+  FM_HD T operator[](int i) const { return v[i]; }
+};
+
+template <typename T>
+FM_HD MarginParams<T> margin_row(const T* params, int64_t stride_param, int64_t stride_row, int64_t row) {
+  MarginParams<T> p;
+  for (int i = 0; i < kNumParams; ++i) p.v[i] = params[i * stride_param + row * stride_row];
   return p;
 }
 
 template <typename T>
-FM_HD T clamp_cos(T c) {
-  const T lo = T(-1.0 + kCosEps), hi = T(1.0 - kCosEps);
-  return c < lo ? lo : (c > hi ? hi : c);
+FM_HD T clamp_cos(T c, const MarginParams<T>& p) {
+  return c < p[kCosLo] ? p[kCosLo] : (c > p[kCosHi] ? p[kCosHi] : c);  // NaN stays NaN
 }
 
 // T_m(c) = cos(m theta) and U_{m-1}(c) = sin(m theta) / sin(theta), by recurrence.
@@ -63,49 +69,56 @@ FM_HD void chebyshev_t_u(T c, int m, T* t_m, T* u_m1) {
   *u_m1 = u;
 }
 
-// SphereFace's branch k = floor(m theta / pi), in [0, m - 1].
+// SphereFace's k = floor(m theta / pi), in [0, m - 1], and (-1)^k.
 template <typename T>
-FM_HD int sphereface_k(T c, int m) {
-  const int k = static_cast<int>(std::floor(T(m) * std::acos(c) / T(kPi)));
-  return k < 0 ? 0 : (k > m - 1 ? m - 1 : k);
+FM_HD void sphereface_sign_k(T c, int m, T* sign, T* k) {
+  T kk = std::floor(T(m) * std::acos(c) / T(kPi));
+  kk = kk < T(0) ? T(0) : (kk > T(m - 1) ? T(m - 1) : kk);
+  *k = kk;
+  *sign = (static_cast<int>(kk) & 1) ? T(-1) : T(1);
+}
+
+// sqrt((1 - c)(1 + c)): 1 - c is exact near c = 1 (Sterbenz), where 1 - c*c cancels.
+template <typename T>
+FM_HD T sin_theta(T c) {
+  return std::sqrt((T(1) - c) * (T(1) + c));
 }
 
 // psi(cos): the target logit's cosine after the margin (fastmargin.margins.psi).
 template <typename T>
-FM_HD T psi(T cos, const MarginParams& p) {
-  if (p.is_additive_cosine()) return cos - T(p.m3);
-  const T c = clamp_cos(cos);
-  if (p.is_sphereface()) {
-    T t, u;
-    chebyshev_t_u(c, p.sphere_m, &t, &u);
-    const int k = sphereface_k(c, p.sphere_m);
-    const T value = ((k & 1) ? -t : t) - T(2 * k);
-    const T lam = T(p.sphere_lambda);
-    return (lam * c + value) / (T(1) + lam);
+FM_HD T psi(T cos, const MarginParams<T>& p, const MarginFlags& f) {
+  if (f.kind == kAdditive) return cos - p[kM3];
+  const T c = clamp_cos(cos, p);
+  if (f.kind == kSphere) {
+    T t, u, sign, k;
+    chebyshev_t_u(c, f.sphere_m, &t, &u);
+    sphereface_sign_k(c, f.sphere_m, &sign, &k);
+    const T lam = p[kSphereLambda];
+    return (lam * c + (sign * t - T(2) * k)) / (T(1) + lam);
   }
-  if (c < T(p.cos_theta_limit)) {  // m1 theta + m2 > pi
-    return p.clamp_theta ? T(-1) - T(p.m3) : c - T(p.m3) - T(p.fallback_shift);
-  }
-  return std::cos(T(p.m1) * std::acos(c) + T(p.m2)) - T(p.m3);
+  const T inside = f.kind == kArc ? c * p[kCosM2] - sin_theta(c) * p[kSinM2]  // cos(theta + m2), no angle
+                                  : std::cos(p[kM1] * std::acos(c) + p[kM2]);
+  const T beyond = f.clamp_theta ? T(-1) : c - p[kFallbackShift];
+  return (c < p[kCosThetaLimit] ? beyond : inside) - p[kM3];
 }
 
 // psi'(cos) in closed form (DESIGN §2; fastmargin.margins.psi_grad).
 template <typename T>
-FM_HD T psi_grad(T cos, const MarginParams& p) {
-  if (p.detached || p.is_additive_cosine()) return T(1);
-  const T c = clamp_cos(cos);
-  if (p.is_sphereface()) {
-    T t, u;
-    chebyshev_t_u(c, p.sphere_m, &t, &u);
-    const int k = sphereface_k(c, p.sphere_m);
-    const T grad = T(p.sphere_m) * ((k & 1) ? -u : u);
-    const T lam = T(p.sphere_lambda);
-    return (lam + grad) / (T(1) + lam);
+FM_HD T psi_grad(T cos, const MarginParams<T>& p, const MarginFlags& f) {
+  if (f.detached || f.kind == kAdditive) return T(1);
+  const T c = clamp_cos(cos, p);
+  if (f.kind == kSphere) {
+    T t, u, sign, k;
+    chebyshev_t_u(c, f.sphere_m, &t, &u);
+    sphereface_sign_k(c, f.sphere_m, &sign, &k);
+    const T lam = p[kSphereLambda];
+    return (lam + T(f.sphere_m) * sign * u) / (T(1) + lam);
   }
-  if (c < T(p.cos_theta_limit)) return p.clamp_theta ? T(0) : T(1);
-  const T angle = T(p.m1) * std::acos(c) + T(p.m2);
-  // sin(theta) as sqrt((1 - c)(1 + c)): 1 - c is exact near c = 1, where 1 - c*c cancels.
-  return T(p.m1) * std::sin(angle) / std::sqrt((T(1) - c) * (T(1) + c));
+  // ARC: sin(theta + m2) / sin(theta) = cos(m2) + sin(m2) c / sin(theta)
+  const T inside = f.kind == kArc ? p[kCosM2] + p[kSinM2] * c / sin_theta(c)
+                                  : p[kM1] * std::sin(p[kM1] * std::acos(c) + p[kM2]) / sin_theta(c);
+  const T beyond = f.clamp_theta ? T(0) : T(1);
+  return c < p[kCosThetaLimit] ? beyond : inside;
 }
 
 }  // namespace fastmargin

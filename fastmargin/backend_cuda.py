@@ -1,5 +1,5 @@
 """The 'cuda' backend: the fused CUDA C++ kernels (csrc/cuda/, compiled into fastmargin._C)
-as custom ops fastmargin::cuda_fwd / fastmargin::cuda_bwd (fastmargin.fused).
+as custom ops fastmargin::cuda_fwd / fastmargin::cuda_bwd (fastmargin.gpu_host).
 
 Peak extra memory is O(B + C*K) for the norms plus the backward's (splits, B, D) partial
 dx, as the Triton backend's; never B x C. chunk_size is the classes one block walks (a
@@ -9,20 +9,15 @@ waves of blocks (csrc/cuda/launch_plan.h).
 
 from __future__ import annotations
 
-from . import _extension, fused
+from . import _extension, gpu_host
 
 
-def default_chunk(batch: int, sub_centers: int) -> int:
-    """0: the launch plan splits the classes by the device's size."""
-    return 0
+def _forward(*args):
+    return _extension.module().cuda_forward(*args)
 
 
-def _forward(x, w, labels, *options):
-    return _extension.module().cuda_forward(x, w, labels, *options)
+def _backward(*args):
+    return _extension.module().cuda_backward(*args)
 
 
-def _backward(g_lse, g_target, g_sum, x, w, labels, lse, *options):
-    return _extension.module().cuda_backward(g_lse, g_target, g_sum, x, w, labels, lse, *options)
-
-
-row_statistics = fused.register("cuda", _forward, _backward, default_chunk)
+row_statistics = gpu_host.register("cuda", _forward, _backward, "cuda")

@@ -8,12 +8,15 @@ backend is a torch.library custom op (DESIGN §4, fastmargin.fused).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import os
+import warnings
 from collections.abc import Callable
 
 import torch
 
-from . import _extension, reference
+from . import _extension, margins, reference
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 
@@ -25,6 +28,13 @@ AUTO_ORDER = {
     "cpu": ("cpu", "reference"),
     "cuda": ("triton", "cuda", "reference"),
 }
+
+# The backends whose results have been checked where 'auto' picks them: reference and cpu
+# by CI on every change. No GPU run has checked triton or cuda yet; a backend joins this set
+# only in the change that commits the bench/gpu_check.sh run whose GPU tests all passed.
+# Until then 'auto' checks a backend against the reference once per process and (device,
+# dtype, margin kind) before using it (first_use_check); FASTMARGIN_VERIFY=0 turns that off.
+VERIFIED = frozenset({"reference", "cpu"})
 
 def _device_type(name: str) -> str:
     """Where a fused backend's kernels run: Triton's on CPU tensors when they are interpreted
@@ -62,15 +72,73 @@ def unavailable_reason(name: str, device: torch.device | None = None) -> str | N
     return None
 
 
-# torch.compile takes the pick as a constant instead of tracing the extension loading.
+# A margin of each kind for the first-use check (fastmargin.margins' kinds).
+_CHECK_MARGINS = {
+    margins.ADDITIVE: margins.Margin(m3=0.35),
+    margins.ARC: margins.Margin(m2=0.5),
+    margins.COMBINED: margins.Margin(m1=1.2, m2=0.3, m3=0.2),
+    margins.SPHERE: margins.Margin(sphere_m=4),
+}
+
+
+def first_use_check(name: str, device: torch.device, dtype: torch.dtype, kind: int) -> str | None:
+    """None if backend `name` gives the reference's statistics and gradients on a small ragged problem
+    (B = 7, C = 37, D = 19, two sub-centers, an ignored row) in `dtype` on `device`, with a
+    margin of `kind`; else what went wrong. A few milliseconds.
+
+    The bound is loose on purpose (1e-3 of the largest value, 3e-2 for half inputs): it is
+    there to catch a kernel that is wrong on this GPU, not rounding (the tests bound that).
+    """
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 19, generator=generator).to(dtype)
+    w = torch.randn(74, 19, generator=generator).to(dtype)
+    labels = torch.randint(0, 37, (7,), generator=generator)
+    labels[3] = -1
+    results = []
+    for backend, where, as_type in ((name, device, dtype), ("reference", torch.device("cpu"), torch.float64)):
+        xv, wv = (t.to(where, as_type).detach().requires_grad_(True) for t in (x, w))  # the same rounded values
+        lse, z_target, z_sum = implementation(backend)(xv, wv, labels.to(where), _CHECK_MARGINS[kind], 16.0, 2)
+        (lse - z_target + 0.01 * z_sum).sum().backward()
+        results.append((lse, z_target, z_sum, xv.grad, wv.grad))
+    tol = 3e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-3
+    for what, got, want in zip(("lse", "z_target", "z_sum", "d/dx", "d/dW"), results[0], results[1]):
+        got, want = got.detach().double().cpu(), want.detach().double()
+        error = (got - want).abs().max().item()
+        if not error <= tol * want.abs().max().item():  # NaN fails too
+            return f"{what} is off by {error:.3g} (largest value {want.abs().max().item():.3g})"
+    return None
+
+
+@functools.cache
+def _passes_first_use_check(name: str, device: torch.device, dtype: torch.dtype, kind: int) -> bool:
+    """first_use_check, once per process and key; a failure warns, naming the backend."""
+    try:
+        problem = first_use_check(name, device, dtype, kind)
+    except Exception as error:  # noqa: BLE001  (e.g. a kernel that cannot launch on this device)
+        problem = f"it raised {type(error).__name__}: {error}"
+    if problem is not None:
+        warnings.warn(
+            f"fastmargin: backend {name!r} failed its first-use check on {device} ({dtype}, margin kind {kind}): "
+            f"{problem}. 'auto' uses the next backend instead; please report this. FASTMARGIN_VERIFY=0 skips "
+            "the check.", RuntimeWarning, stacklevel=4)
+    return problem is None
+
+
+# torch.compile takes the pick as a constant instead of tracing the extension loading and
+# the first-use check (dynamo runs this eagerly while tracing).
 @torch.compiler.assume_constant_result
-def select(name: str, device: torch.device) -> str:
-    """The backend that will compute on `device`: `name` itself, or the pick of 'auto'."""
+def select(name: str, device: torch.device, dtype: torch.dtype = torch.float32, kind: int = margins.ARC) -> str:
+    """The backend that will compute on `device`: `name` itself, or the pick of 'auto' for
+    inputs of `dtype` and a margin of `kind` (fastmargin.margins' kinds). 'auto' skips a
+    backend not in VERIFIED whose first_use_check fails, with a warning naming it and why."""
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}: choose one of {BACKENDS} or 'auto'")
     if name == "auto":
+        verify = os.environ.get("FASTMARGIN_VERIFY", "1") != "0"
         for candidate in AUTO_ORDER.get(device.type, ("reference",)):
-            if unavailable_reason(candidate, device) is None:
+            if unavailable_reason(candidate, device) is not None:
+                continue
+            if candidate in VERIFIED or not verify or _passes_first_use_check(candidate, device, dtype, kind):
                 return candidate
         return "reference"
     reason = unavailable_reason(name, device)

@@ -97,7 +97,8 @@ def margin_loss(
     the modules call each step (they validated all of it once, at construction). Only the
     tensors are checked here, as they change from call to call."""
     checks.check_inputs(embeddings, weight, labels, sub_centers, ignore_index)
-    row_statistics = backends.implementation(backends.select(backend, embeddings.device))
+    row_statistics = backends.implementation(
+        backends.select(backend, embeddings.device, embeddings.dtype, margin.kind))
     return backend_loss(
         row_statistics, embeddings, weight, labels, margin, scale, sub_centers,
         label_smoothing, ignore_index, reduction, chunk_size,

@@ -10,11 +10,18 @@ One `Margin` describes every loss of DESIGN §1:
 
 `psi` is differentiable with autograd and is what the reference uses; `psi_grad` is the
 closed form of DESIGN §2 that fused kernels evaluate, tested against autograd of `psi`.
-The C++/CUDA twin of this file is csrc/margin.h, the Triton twin kernels/margin.py.
+The C++/CUDA twin of this file is csrc/margin.h, the Triton twin kernels/margin.py: the
+three compute the same expressions with the same branches (tests/test_margin_math.py).
+
+A `Margin` is validated once, when it is made, and lowered once per call (`lower`) into
+what every kernel reads: a params tensor (NUM_PARAMS, R) in the compute dtype on the
+tensors' device, column i holding row i's numbers (R = 1: one margin for every row), and
+the integer flags (kind, sphere_m, clamp_theta, detached) that select the branches.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -34,6 +41,18 @@ NORM_EPS = 1e-12
 
 THETA_POLICIES = ("fallback", "clamp")
 GRAD_MODES = ("exact", "detached")
+
+# Which psi (the kernels' branch, a compile-time constant there). ARC is the combined margin
+# with m1 = 1: cos(theta + m2) = c cos(m2) - sin(theta) sin(m2) needs no angle. COMBINED
+# (m1 != 1) and SPHERE need theta = acos(c). ADDITIVE (CosFace) needs neither, nor the clamp.
+ADDITIVE, ARC, COMBINED, SPHERE = range(4)
+
+# The rows of the params tensor, in this order in every language (csrc/margin.h's Param,
+# kernels/margin.py's P_*). The clamp bounds are rounded to the compute dtype there as torch
+# rounds them here.
+PARAMS = ("scale", "m1", "m2", "m3", "sphere_lambda", "cos_m2", "sin_m2", "cos_theta_limit",
+          "fallback_shift", "cos_lo", "cos_hi")
+NUM_PARAMS = len(PARAMS)
 
 # SphereFace lambda annealing, as in the original Caffe code: lambda = max(lambda_min,
 # base * (1 + gamma * iteration) ** -power).
@@ -110,6 +129,28 @@ class Margin:
         return self.sphere_m is not None
 
     @property
+    def kind(self) -> int:
+        if self.is_sphereface:
+            return SPHERE
+        if self.is_additive_cosine:
+            return ADDITIVE
+        return ARC if self.m1 == 1.0 else COMBINED
+
+    @property
+    def flags(self) -> tuple[int, int, int, int]:
+        """(kind, sphere_m or 0, clamp_theta, detached): the branches, as the kernels take them."""
+        return (self.kind, self.sphere_m or 0, int(self.theta_policy == "clamp"), int(self.grad_mode == "detached"))
+
+    def param_values(self, scale: float) -> tuple[float, ...]:
+        """The numbers of PARAMS, in its order, as Python floats."""
+        values = dict(
+            scale=scale, m1=self.m1, m2=self.m2, m3=self.m3, sphere_lambda=self.sphere_lambda,
+            cos_m2=math.cos(self.m2), sin_m2=math.sin(self.m2), cos_theta_limit=self.cos_theta_limit,
+            fallback_shift=self.fallback_shift, cos_lo=-1.0 + COS_EPS, cos_hi=1.0 - COS_EPS,
+        )
+        return tuple(values[name] for name in PARAMS)
+
+    @property
     def is_additive_cosine(self) -> bool:
         """psi = cos - m3: no angle needed, so no clamp either."""
         return self.sphere_m is None and self.m1 == 1.0 and self.m2 == 0.0
@@ -140,6 +181,36 @@ class Margin:
         return max(self.m2 * math.sin(self.m2) + math.cos(self.m2), 1.0) + math.cos(self.theta_limit)
 
 
+@dataclass(frozen=True)
+class LoweredMargin:
+    """What the kernels read of one call's margin: params (NUM_PARAMS, R) in the compute dtype
+    on the tensors' device (R = 1: every row's margin is column 0) and Margin.flags."""
+
+    params: torch.Tensor
+    flags: tuple[int, int, int, int]
+
+
+def _lower(margin: Margin, scale: float, dtype: torch.dtype, device: torch.device) -> LoweredMargin:
+    params = torch.tensor(margin.param_values(scale), dtype=dtype).view(NUM_PARAMS, 1)
+    return LoweredMargin(params.to(device, non_blocking=True), margin.flags)
+
+
+_lower_cached = functools.lru_cache(maxsize=64)(_lower)
+
+
+def lower(margin: Margin, scale: float, dtype: torch.dtype, device: torch.device) -> LoweredMargin:
+    """The margin and scale as the kernels read them, in `dtype` (the compute dtype) on `device`.
+
+    Cached (the kernels only read it): a step with the margin of the step before copies
+    nothing to the device, and CUDA-graph capture sees no host-to-device copy. A margin that
+    changes every step (SphereFace's annealed lambda) is one small copy a step. Under
+    torch.compile the tensor is made in the graph instead (the cache is host state).
+    """
+    if torch.compiler.is_compiling():
+        return _lower(margin, scale, dtype, device)
+    return _lower_cached(margin, scale, dtype, device)
+
+
 def _clamp_straight_through(cos: torch.Tensor) -> torch.Tensor:
     clamped = cos.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS)
     return cos + (clamped - cos).detach()
@@ -158,28 +229,36 @@ def chebyshev_t_u(cos: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor
     return t, u
 
 
-def _sphereface_k(cos: torch.Tensor, m: int) -> torch.Tensor:
-    theta = torch.acos(cos.detach())
-    return torch.floor(m * theta / math.pi).clamp(0, m - 1)
+def _sphereface_sign_k(cos: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(-1)^k and k = floor(m theta / pi), clamped to [0, m - 1] (constants: no gradient)."""
+    k = torch.floor(m * torch.acos(cos.detach()) / math.pi).clamp(0, m - 1)
+    return 1 - 2 * k.remainder(2), k
+
+
+def _sin_theta(c: torch.Tensor) -> torch.Tensor:
+    # sqrt((1 - c)(1 + c)): 1 - c is exact near c = 1 (Sterbenz), where 1 - c*c cancels.
+    return torch.sqrt((1 - c) * (1 + c))
 
 
 def _psi_exact(cos: torch.Tensor, margin: Margin) -> torch.Tensor:
-    if margin.is_additive_cosine:
+    if margin.kind == ADDITIVE:
         return cos - margin.m3
     c = _clamp_straight_through(cos)
-    if margin.is_sphereface:
+    if margin.kind == SPHERE:
         m = margin.sphere_m
-        k = _sphereface_k(c, m)
+        sign, k = _sphereface_sign_k(c, m)
         t_m, _ = chebyshev_t_u(c, m)
-        psi = torch.where(k.remainder(2) == 0, t_m, -t_m) - 2 * k
         lam = margin.sphere_lambda
-        return (lam * c + psi) / (1 + lam) if lam else psi
-    inside = torch.cos(margin.m1 * torch.acos(c) + margin.m2) - margin.m3
-    if margin.theta_policy == "clamp":  # cos(pi) - m3, flat: zero gradient
-        beyond = torch.full_like(c, -1.0 - margin.m3)
+        return (lam * c + (sign * t_m - 2 * k)) / (1 + lam)
+    if margin.kind == ARC:  # cos(theta + m2), without the angle
+        inside = c * math.cos(margin.m2) - _sin_theta(c) * math.sin(margin.m2)
     else:
-        beyond = c - margin.m3 - margin.fallback_shift
-    return torch.where(c < margin.cos_theta_limit, beyond, inside)
+        inside = torch.cos(margin.m1 * torch.acos(c) + margin.m2)
+    if margin.theta_policy == "clamp":  # m1 theta + m2 held at pi: cos(pi), flat, zero gradient
+        beyond = torch.full_like(c, -1.0)
+    else:
+        beyond = c - margin.fallback_shift
+    return torch.where(c < margin.cos_theta_limit, beyond, inside) - margin.m3
 
 
 def psi(cos: torch.Tensor, margin: Margin) -> torch.Tensor:
@@ -196,18 +275,18 @@ def psi(cos: torch.Tensor, margin: Margin) -> torch.Tensor:
 
 def psi_grad(cos: torch.Tensor, margin: Margin) -> torch.Tensor:
     """d psi / d cos in closed form (DESIGN §2), what fused kernels compute; no autograd."""
-    if margin.grad_mode == "detached" or margin.is_additive_cosine:
+    if margin.grad_mode == "detached" or margin.kind == ADDITIVE:
         return torch.ones_like(cos)
     c = cos.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS)
-    if margin.is_sphereface:
+    if margin.kind == SPHERE:
         m = margin.sphere_m
-        k = _sphereface_k(c, m)
+        sign, _ = _sphereface_sign_k(c, m)
         _, u = chebyshev_t_u(c, m)
-        grad = torch.where(k.remainder(2) == 0, m * u, -m * u)
         lam = margin.sphere_lambda
-        return (lam + grad) / (1 + lam) if lam else grad
-    angle = margin.m1 * torch.acos(c) + margin.m2
-    # sin(theta) as sqrt((1 - c)(1 + c)): 1 - c is exact near c = 1, where 1 - c*c cancels.
-    inside = margin.m1 * torch.sin(angle) / torch.sqrt((1 - c) * (1 + c))
-    beyond = 1.0 if margin.theta_policy == "fallback" else 0.0
+        return (lam + m * sign * u) / (1 + lam)
+    if margin.kind == ARC:  # sin(theta + m2) / sin(theta) = cos(m2) + sin(m2) c / sin(theta)
+        inside = math.cos(margin.m2) + math.sin(margin.m2) * c / _sin_theta(c)
+    else:
+        inside = margin.m1 * torch.sin(margin.m1 * torch.acos(c) + margin.m2) / _sin_theta(c)
+    beyond = 0.0 if margin.theta_policy == "clamp" else 1.0
     return torch.where(c < margin.cos_theta_limit, torch.full_like(c, beyond), inside)

@@ -1,5 +1,5 @@
-"""What the forward and backward launchers share: input checks, the tile configuration,
-the dtypes, the norms and the class splits.
+"""What the forward and backward launchers share: the tile configuration, the dtypes, the
+params' strides and the class splits (the ops' inputs are checked by fastmargin/fused.py).
 
 The configuration is fixed per (dtype, device kind), not autotuned: an autotuner picks by
 timing, and a different pick is a different summation order, so results could change from
@@ -15,10 +15,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmargin.margins import NORM_EPS, Margin
-from fastmargin.reference import compute_dtype
-
-from . import margin as margin_math
 
 # triton.jit reads TRITON_INTERPRET when a kernel is defined, that is when this package is
 # imported: kernels run on CPU tensors, in numpy, if it was "1" then.
@@ -69,51 +65,26 @@ def config(D: int, K: int, dtype: torch.dtype, backward: bool) -> Config:
     return Config(rows, block_c, k_pad, block_d, block_do, num_warps=4 if INTERPRET else 8, num_stages=2)
 
 
-def margin_meta(scale, m1, m2, m3, sphere_m, sphere_lambda, clamp_theta, detached, x, w):
-    """The fused ops' margin options as the params tensor (kernels/margin.py) and the
-    kernels' margin meta-parameters."""
-    margin = Margin(m1=m1, m2=m2, m3=m3, sphere_m=sphere_m or None, sphere_lambda=sphere_lambda,
-                    theta_policy="clamp" if clamp_theta else "fallback",
-                    grad_mode="detached" if detached else "exact")
-    params = margin_math.margin_params(margin, scale, compute_dtype(x, w), x.device)
-    return params, dict(KIND=margin_math.kind(margin), SPHERE_M=max(1, sphere_m), CLAMP_THETA=clamp_theta)
+def margin_args(params: torch.Tensor, flags, B: int) -> tuple[tuple, dict]:
+    """The lowered margin (fastmargin.margins.lower) as kernel arguments: (params, stride over
+    the params, stride over the rows: 0 when every row shares column 0) and the margin's
+    meta-parameters."""
+    kind, sphere_m, clamp_theta, detached = flags
+    stride_pb = 0 if params.shape[1] == 1 else params.stride(1)
+    meta = dict(KIND=kind, SPHERE_M=max(1, sphere_m), CLAMP_THETA=bool(clamp_theta), DETACHED=bool(detached))
+    return (params, params.stride(0), stride_pb), meta
 
 
-def check(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, sub_centers: int) -> None:
-    """The op's own checks (fastmargin.checks has the user-facing ones, with more words)."""
-    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"fastmargin triton: x must be (B, D) and w (C*K, D), "
-                         f"got {tuple(x.shape)} and {tuple(w.shape)}")
-    if sub_centers < 1 or w.shape[0] < sub_centers or w.shape[0] % sub_centers:
-        raise ValueError(f"fastmargin triton: w has {w.shape[0]} rows, "
-                         f"not a positive multiple of sub_centers={sub_centers}")
-    if labels.dtype != torch.int64 or labels.shape != (x.shape[0],):
-        raise ValueError(f"fastmargin triton: labels must be int64 of shape ({x.shape[0]},)")
-    if not (x.device == w.device == labels.device):
-        raise ValueError(f"fastmargin triton: x, w and labels are on {x.device}, {w.device}, {labels.device}")
-    if x.device.type != ("cpu" if INTERPRET else "cuda"):
-        raise ValueError(f"fastmargin triton: tensors on {x.device.type}, the kernels run on "
-                         + ("CPU tensors (TRITON_INTERPRET=1)" if INTERPRET else "CUDA tensors"))
-
-
-def dtypes(x: torch.Tensor, w: torch.Tensor) -> dict:
-    """Kernel meta-parameters for the dtypes: ACC_DTYPE (fp32, or fp64 when an input is),
-    DOT_DTYPE (the inputs' dtype if they share one, else ACC_DTYPE), UPCAST (see
-    tiles.dot_acc) and PRECISION (tf32 for fp32 dots only where torch allows it)."""
-    acc = compute_dtype(x, w)
+def dtypes(x: torch.Tensor, w: torch.Tensor, acc: torch.dtype, allow_tf32: bool) -> dict:
+    """Kernel meta-parameters for the dtypes: ACC_DTYPE (the compute dtype, params'), DOT_DTYPE
+    (the inputs' dtype if they share one, else ACC_DTYPE), UPCAST (see tiles.dot_acc) and
+    PRECISION (tf32 for fp32 dots where the forward found torch allowing it)."""
     dot = x.dtype if x.dtype == w.dtype else acc
-    tf32 = dot == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32
+    tf32 = dot == torch.float32 and allow_tf32
     return dict(
         ACC_DTYPE=TL_DTYPES[acc], DOT_DTYPE=TL_DTYPES[dot],
         UPCAST=INTERPRET and dot in (torch.float16, torch.bfloat16), PRECISION="tf32" if tf32 else "ieee",
     )
-
-
-def norms(v: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """||v_r|| and 1 / max(||v_r||, NORM_EPS), (R,) each in `dtype`, read in v's dtype (no
-    upcast copy of v is made)."""
-    norm = torch.linalg.vector_norm(v, dim=1, dtype=dtype)
-    return norm, 1.0 / norm.clamp(min=NORM_EPS)
 
 
 def split_size(num_classes: int, chunk: int, row_blocks: int, cfg: Config, device: torch.device) -> int:

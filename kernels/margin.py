@@ -1,55 +1,44 @@
 """The margin math of DESIGN §1-2 as Triton jit helpers: psi (the target transform) and psi'.
 
-The PyTorch twin is fastmargin/margins.py (the oracle's), the C++/CUDA twin csrc/margin.h;
-tests/test_triton.py holds this one to the PyTorch one. Values are in the compute dtype
-(float32, or float64 when an input is). Which psi is a constexpr (KIND, one of the
-constants below); its numbers come from a small tensor that margin_params() builds on
-the host, so that float64 kernels get them in float64 (a Python float argument of a
-Triton kernel is float32).
+fastmargin/margins.py (PyTorch, the oracle's) and csrc/margin.h (C++/CUDA) compute the same
+expressions with the same branches; tests/test_margin_math.py holds the three to each other.
+Values are in the compute dtype (float32, or float64 when an input is). Which psi is a
+constexpr (KIND, fastmargin.margins' kinds); its numbers are the rows of the lowered
+margin's params tensor (fastmargin.margins.lower), read per row through `prow`, the (BLOCK_B,)
+pointers to each row's column, so that float64 kernels get them in float64 (a Python float
+argument of a Triton kernel is float32) and per-row margins need no other code.
 """
 
-import functools
 import math
 
-import torch
 import triton
 import triton.language as tl
 
-from fastmargin.margins import COS_EPS, Margin
+from fastmargin import margins
 
 # Module constants are tl.constexpr: the Triton compiler refuses other globals in a kernel
 # (the interpreter does not check, tests/test_triton.py compiles for sm_90 to catch it).
+ADDITIVE, ARC, COMBINED, SPHERE = (tl.constexpr(k) for k in (margins.ADDITIVE, margins.ARC, margins.COMBINED,
+                                                             margins.SPHERE))
 
-# KIND: which psi. ARC is the combined margin with m1 = 1, whose cos(theta + m2) needs no
-# angle; COMBINED (m1 != 1) and SPHERE need theta = acos(cos).
-ADDITIVE, ARC, COMBINED, SPHERE = (tl.constexpr(k) for k in range(4))
-
-# Offsets in the params tensor (margin_params).
+# Rows of the params tensor (fastmargin.margins.PARAMS).
 P_SCALE, P_M1, P_M2, P_M3, P_LAMBDA, P_COS_M2, P_SIN_M2, P_COS_LIMIT, P_SHIFT, P_COS_LO, P_COS_HI = (
-    tl.constexpr(i) for i in range(11)
+    tl.constexpr(margins.PARAMS.index(name)) for name in margins.PARAMS
 )
 PI = tl.constexpr(math.pi)
 
 
-def kind(margin: Margin) -> int:
-    if margin.is_sphereface:
-        return SPHERE
-    if margin.is_additive_cosine:
-        return ADDITIVE
-    return ARC if margin.m1 == 1.0 else COMBINED
+@triton.jit
+def row_params(params_ptr, rows, B, stride_pp, stride_pb):
+    """(BLOCK_B,) pointers to each row's column of params (column 0 for all when
+    stride_pb = 0); rows past B read row B - 1's, which nothing uses."""
+    return params_ptr + tl.minimum(rows, B - 1) * stride_pb
 
 
-@functools.lru_cache(maxsize=64)
-def margin_params(margin: Margin, scale: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The numbers psi needs, (11,) in the compute dtype, at the P_* offsets. The clamp
-    bounds are rounded to the dtype here exactly as torch rounds them in the reference.
-    Cached (the kernels only read it): a training step copies nothing to the device, and
-    CUDA-graph capture sees no host-to-device copy."""
-    values = [
-        scale, margin.m1, margin.m2, margin.m3, margin.sphere_lambda, math.cos(margin.m2), math.sin(margin.m2),
-        margin.cos_theta_limit, margin.fallback_shift, -1.0 + COS_EPS, 1.0 - COS_EPS,
-    ]
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+@triton.jit
+def param(prow, stride_pp, WHICH: tl.constexpr):
+    """Param WHICH of each row, (BLOCK_B,)."""
+    return tl.load(prow + WHICH * stride_pp)
 
 
 # Cephes' atan (Moshier): range reduction by tan(3 pi / 8) and 0.66, then x + x z P(z)/Q(z),
@@ -92,9 +81,9 @@ def acos(c):
 
 
 @triton.jit
-def clamp_cos(cos, params_ptr):
+def clamp_cos(cos, prow, stride_pp):
     """cos clamped to [-1 + COS_EPS, 1 - COS_EPS], NaN kept NaN (as torch.clamp does)."""
-    return tl.clamp(cos, tl.load(params_ptr + P_COS_LO), tl.load(params_ptr + P_COS_HI),
+    return tl.clamp(cos, param(prow, stride_pp, P_COS_LO), param(prow, stride_pp, P_COS_HI),
                     propagate_nan=tl.PropagateNan.ALL)
 
 
@@ -125,45 +114,50 @@ def _sphere_sign_k(c, SPHERE_M: tl.constexpr):
 
 
 @triton.jit
-def psi(cos, params_ptr, KIND: tl.constexpr, SPHERE_M: tl.constexpr, CLAMP_THETA: tl.constexpr):
-    """psi(cos) elementwise (fastmargin.margins.psi's value)."""
-    m3 = tl.load(params_ptr + P_M3)
-    if KIND == ADDITIVE:
-        return cos - m3
-    c = clamp_cos(cos, params_ptr)
-    if KIND == SPHERE:
-        t, _u = _chebyshev_t_u(c, SPHERE_M)
-        sign, k = _sphere_sign_k(c, SPHERE_M)
-        lam = tl.load(params_ptr + P_LAMBDA)
-        return (lam * c + (sign * t - 2.0 * k)) / (1.0 + lam)
-    if KIND == ARC:  # cos(theta + m2) = c cos(m2) - sin(theta) sin(m2), sin(theta) as in psi_grad
-        inside = c * tl.load(params_ptr + P_COS_M2) - tl.sqrt((1.0 - c) * (1.0 + c)) * tl.load(params_ptr + P_SIN_M2)
-    else:
-        inside = tl.cos(tl.load(params_ptr + P_M1) * acos(c) + tl.load(params_ptr + P_M2))
-    if CLAMP_THETA:
-        beyond = tl.full(c.shape, -1.0, c.dtype)
-    else:
-        beyond = c - tl.load(params_ptr + P_SHIFT)
-    return tl.where(c < tl.load(params_ptr + P_COS_LIMIT), beyond, inside) - m3
+def _sin_theta(c):
+    """sqrt((1 - c)(1 + c)): 1 - c is exact near c = 1 (Sterbenz), where 1 - c*c cancels."""
+    return tl.sqrt((1.0 - c) * (1.0 + c))
 
 
 @triton.jit
-def psi_grad(cos, params_ptr, KIND: tl.constexpr, SPHERE_M: tl.constexpr, CLAMP_THETA: tl.constexpr,
+def psi(cos, prow, stride_pp, KIND: tl.constexpr, SPHERE_M: tl.constexpr, CLAMP_THETA: tl.constexpr):
+    """psi(cos) of each row's cosine (BLOCK_B,) (fastmargin.margins.psi's value)."""
+    m3 = param(prow, stride_pp, P_M3)
+    if KIND == ADDITIVE:
+        return cos - m3
+    c = clamp_cos(cos, prow, stride_pp)
+    if KIND == SPHERE:
+        t, _u = _chebyshev_t_u(c, SPHERE_M)
+        sign, k = _sphere_sign_k(c, SPHERE_M)
+        lam = param(prow, stride_pp, P_LAMBDA)
+        return (lam * c + (sign * t - 2.0 * k)) / (1.0 + lam)
+    if KIND == ARC:  # cos(theta + m2), without the angle
+        inside = c * param(prow, stride_pp, P_COS_M2) - _sin_theta(c) * param(prow, stride_pp, P_SIN_M2)
+    else:
+        inside = tl.cos(param(prow, stride_pp, P_M1) * acos(c) + param(prow, stride_pp, P_M2))
+    if CLAMP_THETA:
+        beyond = tl.full(c.shape, -1.0, c.dtype)
+    else:
+        beyond = c - param(prow, stride_pp, P_SHIFT)
+    return tl.where(c < param(prow, stride_pp, P_COS_LIMIT), beyond, inside) - m3
+
+
+@triton.jit
+def psi_grad(cos, prow, stride_pp, KIND: tl.constexpr, SPHERE_M: tl.constexpr, CLAMP_THETA: tl.constexpr,
              DETACHED: tl.constexpr):
-    """psi'(cos) elementwise, in closed form (DESIGN §2; fastmargin.margins.psi_grad)."""
+    """psi'(cos) of each row's cosine, in closed form (DESIGN §3; fastmargin.margins.psi_grad)."""
     if DETACHED or KIND == ADDITIVE:
         return tl.full(cos.shape, 1.0, cos.dtype)
-    c = clamp_cos(cos, params_ptr)
+    c = clamp_cos(cos, prow, stride_pp)
     if KIND == SPHERE:
         _t, u = _chebyshev_t_u(c, SPHERE_M)
         sign, _k = _sphere_sign_k(c, SPHERE_M)
-        lam = tl.load(params_ptr + P_LAMBDA)
+        lam = param(prow, stride_pp, P_LAMBDA)
         return (lam + SPHERE_M * sign * u) / (1.0 + lam)
-    sin_theta = tl.sqrt((1.0 - c) * (1.0 + c))  # 1 - c is exact near c = 1, where 1 - c*c cancels
     if KIND == ARC:  # sin(theta + m2) / sin(theta) = cos(m2) + sin(m2) c / sin(theta)
-        inside = tl.load(params_ptr + P_COS_M2) + tl.load(params_ptr + P_SIN_M2) * c / sin_theta
+        inside = param(prow, stride_pp, P_COS_M2) + param(prow, stride_pp, P_SIN_M2) * c / _sin_theta(c)
     else:
-        m1 = tl.load(params_ptr + P_M1)
-        inside = m1 * tl.sin(m1 * acos(c) + tl.load(params_ptr + P_M2)) / sin_theta
+        m1 = param(prow, stride_pp, P_M1)
+        inside = m1 * tl.sin(m1 * acos(c) + param(prow, stride_pp, P_M2)) / _sin_theta(c)
     beyond = 0.0 if CLAMP_THETA else 1.0
-    return tl.where(c < tl.load(params_ptr + P_COS_LIMIT), beyond, inside)
+    return tl.where(c < param(prow, stride_pp, P_COS_LIMIT), beyond, inside)

@@ -3,27 +3,25 @@ classes, never holding more than a tile of logits (DESIGN §3, class-chunked).
 
 Program (row block, split) walks its split's class tiles, keeping each row's online
 log-sum-exp (running max and sum of exp(z - max)), Σ_j z_ij and z_iy, and writes them
-to a (splits, B) buffer. The launcher merges the splits in a fixed order
-(lse = M + log Σ_s l_s exp(m_s - M)), so the result does not depend on which program
-finishes first: no atomics, no locks.
+to (splits, B) buffers. fastmargin/gpu_host.py merges the splits in a fixed order, so the
+result does not depend on which program finishes first: no atomics, no locks.
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from fastmargin.reference import compute_dtype
-
 from . import launch
+from .margin import row_params
 from .tiles import cos_tile, logits, row_scales
 
 
 @triton.jit
 def margin_ce_fwd_kernel(
-    # inputs: x (B, D), w (C*K, D), labels (B,) int64; norms (B,), (B,), (C*K,); params (11,)
-    x_ptr, w_ptr, labels_ptr, x_norm_ptr, x_inv_norm_ptr, w_inv_norm_ptr, params_ptr,
+    # inputs: x (B, D), w (C*K, D), labels (B,) int64; norms (B,), (B,), (C*K,); the margin's
+    # params (NUM_PARAMS, R) and its strides
+    x_ptr, w_ptr, labels_ptr, x_norm_ptr, x_inv_norm_ptr, w_inv_norm_ptr, params_ptr, stride_pp, stride_pb,
     # outputs, (splits, B) each, in ACC_DTYPE
     row_max_ptr, row_sum_exp_ptr, z_sum_ptr, z_target_ptr,
     # sizes; split_size classes per program, a multiple of BLOCK_C
@@ -39,7 +37,8 @@ def margin_ce_fwd_kernel(
     row_valid = rows < B
     labels = tl.load(labels_ptr + rows, mask=row_valid, other=-1)
     x_inv_norm = tl.load(x_inv_norm_ptr + rows, mask=row_valid, other=0.0)
-    row_scale = row_scales(params_ptr, x_norm_ptr, rows, row_valid, KIND, BLOCK_B, ACC_DTYPE)
+    prow = row_params(params_ptr, rows, B, stride_pp, stride_pb)
+    row_scale = row_scales(prow, stride_pp, x_norm_ptr, rows, row_valid, KIND)
 
     run_max = tl.full((BLOCK_B,), float("-inf"), ACC_DTYPE)
     run_sum = tl.zeros((BLOCK_B,), ACC_DTYPE)
@@ -54,7 +53,7 @@ def margin_ce_fwd_kernel(
             BLOCK_B, BLOCK_C, K_PAD, BLOCK_D, ACC_DTYPE, DOT_DTYPE, UPCAST, PRECISION,
         )
         cols = c0 + tl.arange(0, BLOCK_C)
-        zc, is_target, _cos_target = logits(cos, cols, C, labels, params_ptr, KIND, SPHERE_M, CLAMP_THETA)
+        zc, is_target, _cos_target = logits(cos, cols, C, labels, prow, stride_pp, KIND, SPHERE_M, CLAMP_THETA)
         z = tl.where((cols < C)[None, :], row_scale[:, None] * zc, float("-inf"))
         z_target += tl.sum(tl.where(is_target, z, 0.0), axis=1)
         z_sum += tl.sum(tl.where((cols < C)[None, :], z, 0.0), axis=1)
@@ -69,36 +68,28 @@ def margin_ce_fwd_kernel(
     tl.store(z_target_ptr + out, z_target, mask=row_valid)
 
 
-def forward(x, w, labels, scale, m1, m2, m3, sphere_m, sphere_lambda, clamp_theta, detached, sub_centers, chunk):
-    """(lse, z_target, z_sum), (B,) each in the compute dtype (fastmargin.fused's contract).
+def forward(x, w, labels, x_norm, x_inv_norm, w_inv_norm, params, flags, sub_centers, chunk, allow_tf32):
+    """Per-split partials (row_max, row_sum_exp, z_sum, z_target), (splits, B) each in the
+    compute dtype (fastmargin.gpu_host.register's contract; it merges them).
 
-    x (B, D) and w (C*K, D) any float dtype and strides; labels (B,) int64, a label outside
-    [0, C) meaning no target column. chunk: classes per program, 0 for the default split.
+    x (B, D) and w (C*K, D) any float dtype and strides, B >= 1; labels (B,) int64, a label
+    outside [0, C) meaning no target column; norms and params (fastmargin.margins.lower) in
+    the compute dtype. chunk: classes per program, 0 for the default split.
     """
-    launch.check(x, w, labels, sub_centers)
-    dtype = compute_dtype(x, w)
     B, D = x.shape
     C = w.shape[0] // sub_centers
-    if B == 0:
-        return tuple(x.new_empty(0, dtype=dtype) for _ in range(3))
-    params, margin_meta = launch.margin_meta(scale, m1, m2, m3, sphere_m, sphere_lambda, clamp_theta, detached, x, w)
-    x_norm, x_inv_norm = launch.norms(x, dtype)
-    _, w_inv_norm = launch.norms(w, dtype)
-    cfg = launch.config(D, sub_centers, dtype, backward=False)
+    margin_args, margin_meta = launch.margin_args(params, flags, B)
+    del margin_meta["DETACHED"]  # the forward has no gradient
+    cfg = launch.config(D, sub_centers, params.dtype, backward=False)
     row_blocks = triton.cdiv(B, cfg.BLOCK_B)
     split = launch.split_size(C, chunk, row_blocks, cfg, x.device)
     splits = triton.cdiv(C, split)
-    row_max, row_sum_exp, z_sum, z_target = (x.new_empty(splits, B, dtype=dtype) for _ in range(4))
+    row_max, row_sum_exp, z_sum, z_target = (x.new_empty(splits, B, dtype=params.dtype) for _ in range(4))
     margin_ce_fwd_kernel[(row_blocks, splits)](
-        x, w, labels.contiguous(), x_norm, x_inv_norm, w_inv_norm, params,
+        x, w, labels, x_norm, x_inv_norm, w_inv_norm, *margin_args,
         row_max, row_sum_exp, z_sum, z_target,
         B, C, D, sub_centers, split,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-        **margin_meta, **cfg.meta(), **launch.dtypes(x, w),
+        **margin_meta, **cfg.meta(), **launch.dtypes(x, w, params.dtype, allow_tf32),
     )
-    # The fixed-order merge of the splits.
-    top = row_max.max(dim=0).values
-    lse = top + torch.log((row_sum_exp * torch.exp(row_max - top)).sum(dim=0))
-    z_sum = z_sum.sum(dim=0)
-    # A NaN logit can vanish from the running max (max(a, NaN) = a); z_sum keeps it.
-    return torch.where(torch.isnan(z_sum), z_sum, lse), z_target.sum(dim=0), z_sum
+    return row_max, row_sum_exp, z_sum, z_target

@@ -14,28 +14,27 @@ Every offset is int64: B*D, C*K*D and (for PML's W.t()) d * C*K pass 2^31 at rea
 import triton
 import triton.language as tl
 
-from .margin import P_SCALE, SPHERE, psi, psi_grad
+from .margin import P_SCALE, SPHERE, param, psi, psi_grad
 
 
 @triton.jit
-def row_scales(params_ptr, x_norm_ptr, rows, row_valid, KIND: tl.constexpr, BLOCK_B: tl.constexpr,
-               ACC_DTYPE: tl.constexpr):
+def row_scales(prow, stride_pp, x_norm_ptr, rows, row_valid, KIND: tl.constexpr):
     """S_i (BLOCK_B,): s, or s ||x_i|| for SphereFace."""
-    scale = tl.load(params_ptr + P_SCALE) + tl.zeros((BLOCK_B,), ACC_DTYPE)
+    scale = param(prow, stride_pp, P_SCALE)
     if KIND == SPHERE:
         scale = scale * tl.load(x_norm_ptr + rows, mask=row_valid, other=0.0)
     return scale
 
 
 @triton.jit
-def backward_rows(rows, B, labels_ptr, x_norm_ptr, x_inv_norm_ptr, params_ptr, lse_ptr, g_lse_ptr, g_target_ptr,
-                  g_sum_ptr, KIND: tl.constexpr, BLOCK_B: tl.constexpr, ACC_DTYPE: tl.constexpr):
+def backward_rows(rows, B, labels_ptr, x_norm_ptr, x_inv_norm_ptr, prow, stride_pp, lse_ptr, g_lse_ptr,
+                  g_target_ptr, g_sum_ptr, KIND: tl.constexpr):
     """What the backward needs of rows (BLOCK_B,): which exist, their labels, 1 / n_i, S_i,
     lse_i and the gradients (g_lse, g_target, g_sum) of the three statistics."""
     row_valid = rows < B
     labels = tl.load(labels_ptr + rows, mask=row_valid, other=-1)
     x_inv_norm = tl.load(x_inv_norm_ptr + rows, mask=row_valid, other=0.0)
-    row_scale = row_scales(params_ptr, x_norm_ptr, rows, row_valid, KIND, BLOCK_B, ACC_DTYPE)
+    row_scale = row_scales(prow, stride_pp, x_norm_ptr, rows, row_valid, KIND)
     lse = tl.load(lse_ptr + rows, mask=row_valid, other=0.0)
     g_lse = tl.load(g_lse_ptr + rows, mask=row_valid, other=0.0)
     g_target = tl.load(g_target_ptr + rows, mask=row_valid, other=0.0)
@@ -55,6 +54,42 @@ def dot_acc(a, b, acc, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+
+
+# fp16 GEMM operands (DESIGN §4: never drop small softmax entries). The backward's operand g
+# is about s p / (B ||x||) for a class that is no row's target, p ~ 1/C: 1e-8 and below,
+# under half the smallest fp16 subnormal, so a plain cast flushes most of the negative-class
+# gradient. Each row of the dx operand and each class column of the dW operand is therefore
+# scaled by a power of two, 2^(14 - E), E the running maximum over the tiles so far of
+# floor(log2 max|g|) along it: its largest entry lands in [2^14, 2^15), under fp16's 65504,
+# and entries down to 2^-28 of it keep fp16's full precision. The accumulator's row holds
+# the sum times that same power of two; when E grows, the row is rescaled by 2^(E_old - E)
+# (as an online softmax rescales its sum), and at the end divided by it: powers of two, so
+# every rescaling is exact in fp32 and the result differs from an unscaled one only by the
+# fp16 rounding of the operand, now relative instead of absolute. bf16 has fp32's range
+# and needs none of this.
+E_FLOOR = tl.constexpr(-100)
+E_CEIL = tl.constexpr(100)
+
+
+@triton.jit
+def pow2(e):
+    """2^e as float32 for int32 e in [-126, 127], exactly (the exponent field)."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def scale_fp16_operand(g, acc, e_run, AXIS: tl.constexpr):
+    """(g scaled along AXIS, acc rescaled, the new running exponents): g (M, N) float32, the
+    GEMM operand; AXIS 1 scales each of its rows (the dx kernel: acc's rows are g's rows),
+    0 each column (the dW kernel: acc's rows are g's columns); e_run int32, one per acc row."""
+    m = tl.max(tl.abs(g), axis=AXIS)
+    e = ((m.to(tl.int32, bitcast=True) >> 23) & 255) - 127  # floor(log2 m); -127 for m = 0
+    e_new = tl.minimum(tl.maximum(e_run, e), E_CEIL)
+    acc = acc * pow2(tl.maximum(e_run - e_new, -126))[:, None]
+    sigma = pow2(14 - e_new)
+    g = g * (sigma[:, None] if AXIS == 1 else sigma[None, :])
+    return g, acc, e_new
 
 
 @triton.jit
@@ -114,28 +149,28 @@ def spread(v, best, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, K_PAD: tl.cons
 
 
 @triton.jit
-def logits(cos, cols, C, labels, params_ptr, KIND: tl.constexpr, SPHERE_M: tl.constexpr,
+def logits(cos, cols, C, labels, prow, stride_pp, KIND: tl.constexpr, SPHERE_M: tl.constexpr,
            CLAMP_THETA: tl.constexpr):
     """zc = z / S (BLOCK_B, BLOCK_C): cos, with psi(cos) in each row's target column; that
     column's mask (never a padded column: a label C, no target here, must not match one);
     and the target's cosine (BLOCK_B,). psi runs on one cosine a row, not on the tile."""
     is_target = (cols[None, :] == labels[:, None]) & (cols < C)[None, :]
     cos_target = tl.sum(tl.where(is_target, cos, 0.0), axis=1)
-    psi_target = psi(cos_target, params_ptr, KIND, SPHERE_M, CLAMP_THETA)
+    psi_target = psi(cos_target, prow, stride_pp, KIND, SPHERE_M, CLAMP_THETA)
     return tl.where(is_target, psi_target[:, None], cos), is_target, cos_target
 
 
 @triton.jit
-def dcos_tile(cos, cols, C, labels, row_valid, row_scale, lse, g_lse, g_target, g_sum, params_ptr,
+def dcos_tile(cos, cols, C, labels, row_valid, row_scale, lse, g_lse, g_target, g_sum, prow, stride_pp,
               KIND: tl.constexpr, SPHERE_M: tl.constexpr, CLAMP_THETA: tl.constexpr, DETACHED: tl.constexpr):
     """dcos (BLOCK_B, BLOCK_C) of DESIGN §2, with dz_ij = g_lse_i p_ij + g_target_i [j = y_i]
     + g_sum_i and p_ij = exp(z_ij - lse_i); and dz * zc, whose row sums are SphereFace's
     gradient through S_i = s ||x_i||. Both are 0 outside the B x C block: a where, not a
     product, since exp(S zc - lse) of a padded row (lse = 0) may overflow to inf."""
-    zc, is_target, cos_target = logits(cos, cols, C, labels, params_ptr, KIND, SPHERE_M, CLAMP_THETA)
+    zc, is_target, cos_target = logits(cos, cols, C, labels, prow, stride_pp, KIND, SPHERE_M, CLAMP_THETA)
     p = tl.exp(row_scale[:, None] * zc - lse[:, None])
     dz = g_lse[:, None] * p + tl.where(is_target, g_target[:, None], 0.0) + g_sum[:, None]
     dz = tl.where(row_valid[:, None] & (cols < C)[None, :], dz, 0.0)
-    grad_target = psi_grad(cos_target, params_ptr, KIND, SPHERE_M, CLAMP_THETA, DETACHED)
+    grad_target = psi_grad(cos_target, prow, stride_pp, KIND, SPHERE_M, CLAMP_THETA, DETACHED)
     dcos = row_scale[:, None] * dz * tl.where(is_target, grad_target[:, None], 1.0)
     return dcos, dz * zc

@@ -44,3 +44,13 @@ def usable_backends(fused_only=False):
 
     names = [b for b in BACKENDS if not (fused_only and b == "reference")]
     return [(b, backend_device(b)) for b in names if backend_device(b) is not None]
+
+
+def op_options(margin, scale, sub_centers, chunk, x, w):
+    """The fused ops' arguments after (x, w, labels) for `margin` (fastmargin.fused.OP_ARGS):
+    the lowered margin in the compute dtype of x and w on their device, exact fp32 GEMMs."""
+    from fastmargin.margins import lower
+    from fastmargin.reference import compute_dtype
+
+    lowered = lower(margin, scale, compute_dtype(x, w), x.device)
+    return lowered.params, list(lowered.flags), sub_centers, chunk, False

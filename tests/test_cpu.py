@@ -15,10 +15,10 @@ import torch.nn.functional as F
 
 import fastmargin
 from fastmargin import backend_cpu  # noqa: F401  (registers torch.ops.fastmargin.cpu_fwd / cpu_bwd)
-from fastmargin import backends, fused, reference
+from fastmargin import backends, reference
 from fastmargin.margins import Margin
 
-from helpers import assert_close, assert_finite, backend_device
+from helpers import assert_close, assert_finite, backend_device, op_options
 
 CPU = torch.device("cpu")
 NOT_BUILT = backends.unavailable_reason("cpu", CPU)
@@ -606,7 +606,7 @@ def op_args(dtype=torch.float64, K=1, margin=Margin(m2=0.5), scale=64.0, chunk=7
         x, w = x.t().contiguous().t(), w.t().contiguous().t()
     x.requires_grad_(requires_grad)
     w.requires_grad_(requires_grad)
-    return x, w, y, fused.options(margin, scale, K, chunk)
+    return x, w, y, op_options(margin, scale, K, chunk, x, w)
 
 
 OPCHECK_CASES = [
@@ -674,9 +674,64 @@ def test_kernel_labels_outside_the_classes_have_no_target(K, backend):
     ignored row, or a target on another shard); the public API rejects such labels earlier."""
     x, w, _ = geometric_inputs(B=4, C=10 // K, D=5, K=K)
     y = torch.tensor([0, 10 // K, -1, -100])
-    opts = fused.options(Margin(m2=0.5), 64.0, K, 3)
+    opts = op_options(Margin(m2=0.5), 64.0, K, 3, x, w)
     got = getattr(torch.ops.fastmargin, f"{backend}_fwd")(x, w, y, *opts)
     want = reference.row_statistics(x, w, y, Margin(m2=0.5), 64.0, K)
     for what, a, b in zip(("lse", "z_target", "z_sum"), got, want):
         assert_rel(a, b, TOL[torch.float64], what)
     assert_close(got[1][1:], torch.zeros(3), atol=0.0, what="z_target without a target")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("K", "not a positive multiple of sub_centers=4"),
+    ("labels", "labels must be int64"),
+    ("D", r"x must be \(B, D\)"),
+    ("params", "params must be"),
+    ("flags", "flags must be"),
+])
+def test_op_checks(case, message, backend):
+    """The ops' own checks (fastmargin.fused.check_op_inputs; the public API checks first,
+    with more words), the same for every backend."""
+    x, w, y, opts = op_args(requires_grad=False)
+    params, flags, K, chunk, tf32 = opts
+    args = dict(x=x, w=w, labels=y, params=params, flags=flags, sub_centers=K, chunk=chunk, allow_tf32=tf32)
+    args.update({"K": dict(sub_centers=4), "labels": dict(labels=y.int()), "D": dict(w=w[:, :3]),
+                 "params": dict(params=params.float()), "flags": dict(flags=flags[:2])}[case])
+    with pytest.raises(ValueError, match=message):
+        getattr(torch.ops.fastmargin, f"{backend}_fwd")(*args.values())
+
+
+@pytest.mark.parametrize("norm", [1.0, 1e5])
+def test_fp16_small_gradients_per_row(norm, backend):
+    """fp16 x and W (DESIGN §4: never drop small softmax entries): each dW row of a class that
+    is no row's target, and each dx row, within fp16's rounding of the reference's on the same
+    values, relative to that row itself (max|err| / max|want| over a whole tensor cannot see a
+    row of small gradients going to zero). Embedding norms of 1e5 push the GEMM operand
+    g ~ s p / (B ||x||) to ~1e-10, far below fp16's smallest subnormal (6e-8): an unscaled
+    fp16 operand loses those rows entirely. The bound, 8 fp16 eps: the result is stored in
+    fp16 (half an eps) and the operands are rounded to fp16 (one eps each), summed over a
+    row with cancellation of a few; plus fp16's subnormal spacing 2^-24, the most that storing
+    a result that small can keep (dx at norm 1e5 is ~1e-6, subnormal in fp16)."""
+    x, w, y = geometric_inputs(dtype=torch.float64)
+    x = x * (norm / x.norm(dim=1, keepdim=True))
+    x, w = x.half(), w.half()
+    x[0] = 0  # a zero embedding: its g is x 1e12, inf in fp16 (inf * 0 = NaN poisoned all of dW)
+    w[y[1]] = 0  # and a zero weight row that is a target (inf * 0 in dx)
+    kwargs = dict(m2=0.5, label_smoothing=0.1, reduction="mean", chunk_size=CHUNK)
+    got = run(backend, x, w, y, **kwargs)
+    want = run("reference", x.double(), w.double(), y, **kwargs)
+    # The zero rows' own gradients are ~1e12 (docs/errors.md), inf in fp16: there and only there.
+    for label, a, b in (("d loss / d x", got[2], want[2]), ("d loss / d W", got[3], want[3])):
+        expected = ~torch.isfinite(b.half())
+        assert torch.equal(~torch.isfinite(a), expected), f"{label}: not finite at {(~torch.isfinite(a)).nonzero()[:4].tolist()}"
+    tol = 8 * torch.finfo(torch.float16).eps
+    targets = torch.zeros(C, dtype=torch.bool)
+    targets[y] = True
+    for label, a, b, rows in (("d loss / d W, classes without a target", got[3], want[3], ~targets),
+                              ("d loss / d x", got[2], want[2], torch.arange(B) > 0)):
+        rows &= torch.isfinite(b.half()).all(dim=1)
+        a, b = a[rows].double(), b[rows].double()
+        rel = ((a - b).abs() - 2.0**-24).clamp(min=0).max(dim=1).values / b.abs().max(dim=1).values
+        worst = int(rel.argmax())
+        assert rel.max() <= tol, (f"{label} at norm {norm}: row error up to {rel.max():.3g} of the row "
+                                  f"(median {rel.median():.3g}), bound {tol:.3g}; worst row {worst}")

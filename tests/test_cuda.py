@@ -22,9 +22,9 @@ import pytest
 import torch
 
 import fastmargin
-from fastmargin import _extension, backend_cuda, backends, fused, reference  # backend_cuda registers cuda_fwd/_bwd
+from fastmargin import _extension, backend_cuda, backends, reference  # backend_cuda registers cuda_fwd/_bwd
 from fastmargin.margins import Margin
-from helpers import assert_close, assert_finite
+from helpers import assert_close, assert_finite, op_options
 from test_build import setup_py  # noqa: F401  (the fixture that imports setup.py)
 from test_cpu import (
     GRAD_MODES, MARGINS, OPTION_MARGINS, OPTIONS, assert_rel, check_against_reference, geometric_inputs,
@@ -382,7 +382,7 @@ def test_gpu_zero_rows(name):
 def test_gpu_empty_batch_and_labels_outside():
     """B = 0 gives empty statistics and a zero dW; labels outside [0, C) have no target."""
     x, w, _ = geometric_inputs(B=4, C=10, D=5)
-    opts = fused.options(Margin(m2=0.5), 64.0, 1, 0)
+    opts = op_options(Margin(m2=0.5), 64.0, 1, 0, x.cuda(), w.cuda())
     y = torch.tensor([0, 10, -1, -100])
     got = torch.ops.fastmargin.cuda_fwd(x.cuda(), w.cuda(), y.cuda(), *opts)
     want = reference.row_statistics(x, w, y, Margin(m2=0.5), 64.0, 1)
@@ -398,7 +398,7 @@ def test_gpu_empty_batch_and_labels_outside():
 def test_gpu_opcheck(dtype):
     x, w, y = geometric_inputs(B=6, C=10, D=5, K=2, dtype=dtype)
     x, w, y = x.cuda(), w.cuda(), y.cuda()
-    opts = fused.options(Margin(m2=0.5), 64.0, 2, 0)
+    opts = op_options(Margin(m2=0.5), 64.0, 2, 0, x, w)
     torch.library.opcheck(torch.ops.fastmargin.cuda_fwd.default, (x.requires_grad_(), w.requires_grad_(), y, *opts))
     lse, _, _ = torch.ops.fastmargin.cuda_fwd(x.detach(), w.detach(), y, *opts)
     g = upstream_weights(6).to(lse)

@@ -24,9 +24,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastmargin
-from fastmargin import backends, fused
+from fastmargin import backends
 from fastmargin.margins import Margin
-from helpers import assert_close, usable_backends
+from helpers import assert_close, op_options, usable_backends
 from test_cpu import geometric_inputs
 
 ALL = [pytest.param(name, device, id=name) for name, device in usable_backends()]
@@ -80,20 +80,21 @@ def test_fused_statistics_have_no_host_sync(backend, device):
     assert log.syncs == [], f"{backend}: {log.syncs}"
 
 
-def test_triton_launchers_have_no_host_sync():
-    """The torch ops around the Triton kernels (norms, the split merge, dx's last step)."""
+def test_triton_ops_have_no_host_sync():
+    """The torch ops around the Triton kernels (fastmargin/gpu_host.py: norms, the split
+    merge, dx's last step) and the ops' input checks."""
     if backends.unavailable_reason("triton") is not None:
         pytest.skip(f"triton: {backends.unavailable_reason('triton')}")
-    from fastmargin.kernels import margin_ce_bwd, margin_ce_fwd
+    from fastmargin import backend_triton  # noqa: F401  (registers the ops)
 
     device = [d for n, d in usable_backends() if n == "triton"][0]
     x, w, y = inputs(device, K=2)
     y = y.clamp(min=-1)
-    opts = fused.options(Margin(sphere_m=3, sphere_lambda=5.0), 4.0, 2, 0)
-    g = torch.ones(12, device=device)
+    opts = op_options(Margin(sphere_m=3, sphere_lambda=5.0), 4.0, 2, 0, x, w)
+    g = torch.ones(12, device=device, dtype=opts[0].dtype)
     with SyncLog() as log:
-        lse, _, _ = margin_ce_fwd.forward(x, w, y, *opts)
-        margin_ce_bwd.backward(g, -g, g / 30, x, w, y, lse, *opts)
+        lse, _, _ = torch.ops.fastmargin.triton_fwd(x, w, y, *opts)
+        torch.ops.fastmargin.triton_bwd(g, -g, g / 30, x, w, y, lse, *opts)
     assert log.syncs == [], log.syncs
 
 

@@ -27,14 +27,15 @@ import test_cpu  # noqa: E402
 from fastmargin import backends, reference  # noqa: E402
 from fastmargin.kernels import launch  # noqa: E402
 from fastmargin.kernels import margin as margin_jit  # noqa: E402
-from fastmargin.margins import COS_EPS, Margin, psi, psi_grad  # noqa: E402
+from fastmargin.margins import Margin  # noqa: E402
 from helpers import assert_close  # noqa: E402
 from test_cpu import (  # noqa: E402, F401  (test functions are collected here again, on 'triton')
     DTYPES, GRAD_MODES, MARGINS, OPTIONS, TOL, assert_rel, check_against_reference, geometric_inputs,
     option_inputs, run, upstream_weights,
     test_all_ignored_and_empty, test_cos_plus_minus_one, test_double_backward_is_refused, test_gradcheck,
     test_kernel_labels_outside_the_classes_have_no_target,
-    test_lse_of_ignored_rows_labelled_with_a_class, test_mixed_fp32_fp64, test_nan_propagates,
+    test_lse_of_ignored_rows_labelled_with_a_class, test_mixed_fp32_fp64, test_nan_propagates, test_op_checks,
+    test_fp16_small_gradients_per_row,
     test_opcheck_backward, test_opcheck_forward, test_ragged_shapes, test_strided_inputs,
     test_subcenter_exact_tie_goes_to_the_first, test_subcenter_gradient_goes_to_the_argmax_only,
     test_torch_compile_fullgraph_matches_eager, test_transposed_weight, test_zero_rows,
@@ -132,76 +133,6 @@ def test_deterministic(backend):
             assert_close(b, a, atol=0.0, what=f"chunk_size={chunk}, repeated run: {label}")
 
 
-# ---------------------------------------------------------------- the jit margin math
-
-
-@triton.jit
-def _margin_math_kernel(cos_ptr, angle_cos_ptr, psi_ptr, grad_ptr, acos_ptr, params_ptr, N,
-                        KIND: tl.constexpr, SPHERE_M: tl.constexpr, CLAMP_THETA: tl.constexpr,
-                        DETACHED: tl.constexpr, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < N
-    cos = tl.load(cos_ptr + offsets, mask=mask, other=0.0)
-    tl.store(psi_ptr + offsets, margin_jit.psi(cos, params_ptr, KIND, SPHERE_M, CLAMP_THETA), mask=mask)
-    tl.store(grad_ptr + offsets, margin_jit.psi_grad(cos, params_ptr, KIND, SPHERE_M, CLAMP_THETA, DETACHED), mask=mask)
-    tl.store(acos_ptr + offsets, margin_jit.acos(tl.load(angle_cos_ptr + offsets, mask=mask, other=0.0)), mask=mask)
-
-
-MATH_MARGINS = [*MARGINS, "combined-m1=0.7"]
-
-
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-13), (torch.float32, 4e-6)], ids=["fp64", "fp32"])
-@pytest.mark.parametrize("grad_mode", GRAD_MODES)
-@pytest.mark.parametrize("name", MATH_MARGINS)
-def test_margin_math_matches_pytorch(name, grad_mode, dtype, tol):
-    """kernels/margin.py's psi, psi' and acos against fastmargin.margins (the oracle's) in
-    float64 on cosines across [-1, 1], the clamp included, computed in the kernels' dtype:
-    within 1e-13 in fp64 and 32 ulp in fp32 (measured: 2e-15 and 9e-7), relative to
-    max(1, |value|)."""
-    if not INTERPRETED and not GPU:
-        pytest.skip(NO_GPU)
-    kwargs = dict(m1=0.7, m2=0.4, m3=0.1) if name == "combined-m1=0.7" else MARGINS[name]
-    margin = test_cpu.margin_of(dict(kwargs, grad_mode=grad_mode))
-    device = "cpu" if INTERPRETED else "cuda"
-    cos = torch.cat([torch.linspace(-1, 1, 2001, dtype=torch.float64), torch.tensor([-1 + 1e-9, 1 - 1e-9, 0.0])])
-    cos = cos.to(dtype)
-    # Keep away from SphereFace's branch points and theta*, where a last-bit difference in
-    # acos picks the other branch (psi is continuous there, psi' is not for the clamp).
-    edges = [math.cos(k * math.pi / margin.sphere_m) for k in range(1, margin.sphere_m)] if margin.is_sphereface else []
-    edges.append(margin.cos_theta_limit)
-    far = torch.stack([(cos.double() - e).abs() > 1e-6 for e in edges]).all(0)
-    cos = cos[far].to(device)
-    outs = [torch.empty_like(cos) for _ in range(3)]
-    params = margin_jit.margin_params(margin, 1.0, dtype, cos.device)
-    angle_cos = cos.clamp(-1 + 1e-7, 1 - 1e-7)
-    _margin_math_kernel[(triton.cdiv(len(cos), 256),)](
-        cos, angle_cos, *outs, params, len(cos), KIND=margin_jit.kind(margin), SPHERE_M=margin.sphere_m or 1,
-        CLAMP_THETA=margin.theta_policy == "clamp", DETACHED=margin.grad_mode == "detached", BLOCK=256,
-    )
-    # The kernels clamp cos in their dtype (1 - COS_EPS rounds to 1 - 1.19e-7 in fp32): the
-    # oracle gets the same clamped values, so that the comparison measures arithmetic only.
-    exact = (cos if margin.is_additive_cosine else cos.clamp(-1 + COS_EPS, 1 - COS_EPS)).double()
-    want_psi, want_grad = psi(exact, margin), psi_grad(exact, margin)
-    want_acos = torch.acos(angle_cos.double())
-    for label, got, want in (("psi", outs[0], want_psi), ("psi'", outs[1], want_grad), ("acos", outs[2], want_acos)):
-        assert_close(got, want, atol=tol, rtol=tol, what=f"{name} {grad_mode}: {label}")
-
-
-def test_margin_params_order():
-    """margin_params' layout is the P_* offsets that the jit code reads."""
-    margin = Margin(m1=1.2, m2=0.3, m3=0.2)
-    params = margin_jit.margin_params(margin, 32.0, torch.float64, torch.device("cpu"))
-    expected = {
-        margin_jit.P_SCALE: 32.0, margin_jit.P_M1: 1.2, margin_jit.P_M2: 0.3, margin_jit.P_M3: 0.2,
-        margin_jit.P_LAMBDA: 0.0, margin_jit.P_COS_M2: math.cos(0.3), margin_jit.P_SIN_M2: math.sin(0.3),
-        margin_jit.P_COS_LIMIT: margin.cos_theta_limit, margin_jit.P_SHIFT: margin.fallback_shift,
-        margin_jit.P_COS_LO: -1 + 1e-7, margin_jit.P_COS_HI: 1 - 1e-7,
-    }
-    assert len(params) == len(expected)
-    for offset, value in expected.items():
-        assert params[int(offset)].item() == value, f"params[{offset}] = {params[int(offset)].item()}, not {value}"
-
-
 # ---------------------------------------------------------------- launch logic (host side)
 
 
@@ -229,21 +160,6 @@ def test_split_size(C, chunk):
     assert (splits - 1) * split < C <= splits * split
 
 
-def test_op_checks():
-    """The ops' own errors (the public API checks first, with more words)."""
-    x, w, y = geometric_inputs(B=4, C=6, D=5)
-    opts = dict(scale=64.0, m1=1.0, m2=0.5, m3=0.0, sphere_m=0, sphere_lambda=0.0, clamp_theta=False,
-                detached=False, chunk=0)
-    from fastmargin.kernels.margin_ce_fwd import forward
-
-    with pytest.raises(ValueError, match="not a positive multiple of sub_centers=4"):
-        forward(x, w, y, sub_centers=4, **opts)
-    with pytest.raises(ValueError, match="labels must be int64"):
-        forward(x, w, y.int(), sub_centers=1, **opts)
-    with pytest.raises(ValueError, match=r"x must be \(B, D\)"):
-        forward(x, w[:, :3], y, sub_centers=1, **opts)
-
-
 # ---------------------------------------------------------------- the real compiler, no GPU needed
 
 COMPILE_SCRIPT = r"""
@@ -265,11 +181,11 @@ report = {}
 kernels = ((margin_ce_fwd_kernel, False), (margin_ce_bwd_dx_kernel, True), (margin_ce_bwd_dw_kernel, True))
 for kernel, backward in kernels:
     cfg = launch.config(512, K, dtype, backward)
-    meta = dict(KIND=kind, SPHERE_M=3, CLAMP_THETA=False, **launch.dtypes(x, x), **cfg.meta(with_output_block=backward))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    meta = dict(KIND=kind, SPHERE_M=3, CLAMP_THETA=False, **launch.dtypes(x, x, acc, allow_tf32=True),
+                **cfg.meta(with_output_block=backward))
     if backward:
         meta["DETACHED"] = False
-    if dtype == torch.float32:
-        meta["PRECISION"] = "tf32"
     signature = {}
     for name in kernel.arg_names:
         if name in meta:
@@ -278,6 +194,8 @@ for kernel, backward in kernels:
             signature[name] = pointer
         elif name == "labels_ptr":
             signature[name] = "*i64"
+        elif name.startswith("stride_p"):
+            signature[name] = "i64"
         elif name.endswith("_ptr"):
             signature[name] = acc
         else:

@@ -32,15 +32,6 @@
 namespace fastmargin {
 namespace {
 
-at::ScalarType compute_type(const at::Tensor& x, const at::Tensor& w) {
-  return (x.scalar_type() == at::kDouble || w.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
-}
-
-MarginParams margin_params(const LossOptions& opt) {
-  return make_margin_params(opt.m1, opt.m2, opt.m3, static_cast<int>(opt.sphere_m), opt.sphere_lambda,
-                            opt.clamp_theta, opt.detached);
-}
-
 // The per-row loops are compiled for AVX-512, AVX2 and baseline x86-64, picked at load
 // time by the CPU (results are bitwise stable on one machine, not across instruction sets).
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -112,25 +103,34 @@ template <typename T>
 struct Walk {
   int64_t B, D, C, K, chunk;
   const int64_t* labels;
-  LossOptions opt;
-  MarginParams margin;
+  const T* params;  // (kNumParams, R): row i's margin is column i, or column 0 for all
+  int64_t stride_param, stride_row;
+  MarginFlags flags;
   std::vector<T> x_norm, x_inv_norm;  // (B,)
   std::vector<T> w_norm, w_inv_norm;  // (chunk * K,), the current block's rows
   at::Tensor dots;                    // (B * chunk * K,), the block's dots, then its dcos
 
-  Walk(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels_, const LossOptions& o)
-      : B(x.size(0)), D(x.size(1)), K(o.sub_centers), labels(labels_.data_ptr<int64_t>()), opt(o),
-        margin(margin_params(o)), x_norm(B), x_inv_norm(B) {
+  Walk(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels_, const at::Tensor& params_,
+       const MarginFlags& f, int64_t sub_centers, int64_t chunk_)
+      : B(x.size(0)), D(x.size(1)), K(sub_centers), labels(labels_.data_ptr<int64_t>()),
+        params(params_.data_ptr<T>()), stride_param(params_.stride(0)),
+        stride_row(params_.size(1) == 1 ? 0 : params_.stride(1)), flags(f), x_norm(B), x_inv_norm(B) {
     C = w.size(0) / K;
-    chunk = std::max<int64_t>(1, std::min(o.chunk, C));
+    chunk = std::max<int64_t>(1, std::min(chunk_, C));
     w_norm.resize(chunk * K);
     w_inv_norm.resize(chunk * K);
     dots = at::empty({B * chunk * K}, x.options());
     row_norms<T>(x, x_norm.data(), x_inv_norm.data());
   }
 
+  bool sphereface() const { return flags.kind == kSphere; }
+
+  MarginParams<T> margin(int64_t i) const { return margin_row(params, stride_param, stride_row, i); }
+
   // S_i: s, or s * ||x_i|| for SphereFace.
-  T row_scale(int64_t i) const { return T(opt.scale) * (margin.is_sphereface() ? x_norm[i] : T(1)); }
+  T row_scale(int64_t i) const {
+    return params[kScale * stride_param + i * stride_row] * (sphereface() ? x_norm[i] : T(1));
+  }
 
   // The target's column in block [c0, c0 + n), or -1 (labels outside [0, C) have none).
   int64_t target_in_block(int64_t i, int64_t c0, int64_t n) const {
@@ -194,7 +194,7 @@ FM_CPU_CLONES void forward_row(const Walk<T>& walk, const T* dots, int64_t i, in
   walk.row_cosines(dots, i, n, z, scratch.best.data());
   const T s = walk.row_scale(i);
   const int64_t target = walk.target_in_block(i, c0, n);
-  const T z_t = target >= 0 ? s * psi(z[target], walk.margin) : T(0);
+  const T z_t = target >= 0 ? s * psi(z[target], walk.margin(i), walk.flags) : T(0);
   T block_max = target >= 0 ? z_t : -std::numeric_limits<T>::infinity();
   T block_sum_z = z_t;
 #pragma omp simd reduction(max : block_max) reduction(+ : block_sum_z)
@@ -215,9 +215,9 @@ FM_CPU_CLONES void forward_row(const Walk<T>& walk, const T* dots, int64_t i, in
 }
 
 template <typename T>
-void forward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels, const LossOptions& opt,
-                  T* lse, T* z_target, T* z_sum) {
-  Walk<T> walk(x, w, labels, opt);
+void forward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels, const at::Tensor& params,
+                  const MarginFlags& flags, int64_t sub_centers, int64_t chunk, T* lse, T* z_target, T* z_sum) {
+  Walk<T> walk(x, w, labels, params, flags, sub_centers, chunk);
   const int64_t B = walk.B, K = walk.K, C = walk.C;
   RowStats<T> stats(B);
   for (int64_t c0 = 0; c0 < C; c0 += walk.chunk) {
@@ -252,10 +252,11 @@ FM_CPU_CLONES T backward_row(const Walk<T>& walk, T* row, int64_t i, int64_t c0,
   // The target column: z = S psi(c), psi' on dcos.
   T e = T(0), dc_t = T(0);
   if (target >= 0) {
-    const T zc = psi(c[target], walk.margin);
+    const MarginParams<T> margin = walk.margin(i);
+    const T zc = psi(c[target], margin, walk.flags);
     const T dz = g_lse * vexp(s * zc - lse_i) + g_target + g_sum;
     e = dz * zc;
-    dc_t = s * dz * psi_grad(c[target], walk.margin);
+    dc_t = s * dz * psi_grad(c[target], margin, walk.flags);
   }
 #pragma omp simd reduction(+ : e)
   for (int64_t j = 0; j < n; ++j) {
@@ -315,12 +316,12 @@ void remove_radial(const Walk<T>& walk, const at::Tensor& w_block, at::Tensor& a
 
 template <typename T>
 void backward_impl(const T* g_lse, const T* g_target, const T* g_sum, const at::Tensor& x, const at::Tensor& w,
-                   const at::Tensor& labels, const T* lse, const LossOptions& opt, at::Tensor& dx,
-                   at::Tensor& dw) {
-  Walk<T> walk(x, w, labels, opt);
+                   const at::Tensor& labels, const T* lse, const at::Tensor& params, const MarginFlags& flags,
+                   int64_t sub_centers, int64_t chunk, at::Tensor& dx, at::Tensor& dw) {
+  Walk<T> walk(x, w, labels, params, flags, sub_centers, chunk);
   const int64_t B = walk.B, D = walk.D, K = walk.K, C = walk.C;
-  const at::Tensor x_norm_t = at::from_blob(walk.x_inv_norm.data(), {B, 1}, x.options());
-  const at::Tensor x_hat = x * x_norm_t;
+  const at::Tensor x_inv_norm = at::from_blob(walk.x_inv_norm.data(), {B, 1}, x.options());
+  const at::Tensor x_hat = x * x_inv_norm;
   at::Tensor dx_hat = at::zeros({B, D}, x.options());
   std::vector<T> norm_grad(B, T(0));  // Σ_j dz_ij z_ij / S_i: SphereFace's d loss / d S_i / s
   const bool same_dtype = w.scalar_type() == x.scalar_type();
@@ -356,11 +357,14 @@ void backward_impl(const T* g_lse, const T* g_target, const T* g_sum, const at::
       T a = T(0);
       for (int64_t d = 0; d < D; ++d) a += xh[i * D + d] * g[i * D + d];
       if (walk.x_norm[i] < T(kNormEps)) a = T(0);
-      const T radial = walk.margin.is_sphereface() && walk.x_norm[i] > T(0)
-                           ? T(opt.scale) * norm_grad[i] / walk.x_norm[i] : T(0);
+      // d loss / d S_i times d S_i / d x_i = s x_i / ||x_i||, per unit of x_i
+      const T sphere_term = walk.sphereface() && walk.x_norm[i] > T(0)
+                                ? walk.params[kScale * walk.stride_param + i * walk.stride_row] * norm_grad[i] /
+                                      walk.x_norm[i]
+                                : T(0);
       const T inv = walk.x_inv_norm[i];
       for (int64_t d = 0; d < D; ++d)
-        g[i * D + d] = (g[i * D + d] - xh[i * D + d] * a) * inv + radial * xp[i * D + d];
+        g[i * D + d] = (g[i * D + d] - xh[i * D + d] * a) * inv + sphere_term * xp[i * D + d];
     }
   });
   // dx like x (its strides when dense, as the fake implementation promises).
@@ -371,31 +375,19 @@ void backward_impl(const T* g_lse, const T* g_target, const T* g_sum, const at::
   }
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels, const LossOptions& opt) {
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && labels.device().is_cpu(),
-              "fastmargin cpu: every tensor must be on the CPU");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && w.size(1) == x.size(1),
-              "fastmargin cpu: x must be (B, D) and w (C*K, D), got ", x.sizes(), " and ", w.sizes());
-  TORCH_CHECK(opt.sub_centers >= 1 && w.size(0) % opt.sub_centers == 0 && w.size(0) >= opt.sub_centers,
-              "fastmargin cpu: w has ", w.size(0), " rows, not a positive multiple of sub_centers=", opt.sub_centers);
-  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.size(0) == x.size(0),
-              "fastmargin cpu: labels must be int64 of shape (", x.size(0), ",)");
-  TORCH_CHECK(opt.chunk >= 1, "fastmargin cpu: chunk must be >= 1, got ", opt.chunk);
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_ce_cpu_forward(const at::Tensor& x, const at::Tensor& w,
                                                                      const at::Tensor& labels,
-                                                                     const LossOptions& opt) {
-  check_inputs(x, w, labels, opt);
-  const at::Tensor xc = x.to(compute_type(x, w)).contiguous();
+                                                                     const at::Tensor& params, const MarginFlags& flags,
+                                                                     int64_t sub_centers, int64_t chunk) {
+  const at::Tensor xc = x.to(params.scalar_type()).contiguous();
   at::Tensor lse = at::empty({x.size(0)}, xc.options());
   at::Tensor z_target = at::empty({x.size(0)}, xc.options());
   at::Tensor z_sum = at::empty({x.size(0)}, xc.options());
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "margin_ce_cpu_forward", [&] {
-    forward_impl<scalar_t>(xc, w, labels.contiguous(), opt, lse.data_ptr<scalar_t>(), z_target.data_ptr<scalar_t>(),
-                           z_sum.data_ptr<scalar_t>());
+    forward_impl<scalar_t>(xc, w, labels.contiguous(), params, flags, sub_centers, chunk, lse.data_ptr<scalar_t>(),
+                           z_target.data_ptr<scalar_t>(), z_sum.data_ptr<scalar_t>());
   });
   return {lse, z_target, z_sum};
 }
@@ -403,9 +395,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_ce_cpu_forward(const at::T
 std::tuple<at::Tensor, at::Tensor> margin_ce_cpu_backward(const at::Tensor& grad_lse, const at::Tensor& grad_target,
                                                           const at::Tensor& grad_sum, const at::Tensor& x,
                                                           const at::Tensor& w, const at::Tensor& labels,
-                                                          const at::Tensor& lse, const LossOptions& opt) {
-  check_inputs(x, w, labels, opt);
-  const at::ScalarType type = compute_type(x, w);
+                                                          const at::Tensor& lse, const at::Tensor& params,
+                                                          const MarginFlags& flags, int64_t sub_centers,
+                                                          int64_t chunk) {
+  const at::ScalarType type = params.scalar_type();
   const at::Tensor xc = x.to(type).contiguous();
   // The upstream gradient of loss.sum() arrives expanded with stride 0: copy it.
   const at::Tensor g_lse = grad_lse.to(type).contiguous();
@@ -418,7 +411,8 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_cpu_backward(const at::Tensor& grad
   at::Tensor dw = at::empty_like(w);
   AT_DISPATCH_FLOATING_TYPES(type, "margin_ce_cpu_backward", [&] {
     backward_impl<scalar_t>(g_lse.data_ptr<scalar_t>(), g_target.data_ptr<scalar_t>(), g_sum.data_ptr<scalar_t>(),
-                            xc, w, labels.contiguous(), lse_c.data_ptr<scalar_t>(), opt, dx, dw);
+                            xc, w, labels.contiguous(), lse_c.data_ptr<scalar_t>(), params, flags, sub_centers, chunk,
+                            dx, dw);
   });
   return {dx, dw};
 }

@@ -5,29 +5,22 @@
 
 #include <tuple>
 
+#include "margin.h"
+
 namespace fastmargin {
 
-// The options every call carries; the margin fields are fastmargin.margins.Margin's.
-struct LossOptions {
-  double scale;
-  double m1, m2, m3;
-  int64_t sphere_m;  // 0: not SphereFace
-  double sphere_lambda;
-  bool clamp_theta;
-  bool detached;
-  int64_t sub_centers;
-  int64_t chunk;  // classes per block of the walk over the classes
-};
-
-// The row statistics every loss is built from (fastmargin/fused.py, DESIGN §1): with
+// The row statistics every loss is built from (fastmargin/fused.py, DESIGN §2): with
 // z_ij the logits, lse_i = log Σ_j exp z_ij, z_target_i = z_iy and z_sum_i = Σ_j z_ij.
 // x (B, D), w (C*K, D) any strides, float16/bfloat16/float32/float64; labels (B,) int64,
 // where a label outside [0, C) means "no target column here" (an ignored row, or a target
-// on another rank's shard): no margin, z_target 0. Returns (lse, z_target, z_sum), each
-// (B,) in the compute dtype (float64 if x or w is, else float32).
+// on another rank's shard): no margin, z_target 0. params (kNumParams, 1 or B), the
+// lowered margin (fastmargin.margins.lower) in the compute dtype, which the kernel computes
+// in; chunk: classes per block of the walk over the classes. The inputs are checked by the
+// op (fastmargin/fused.py). Returns (lse, z_target, z_sum), each (B,) in the compute dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_ce_cpu_forward(const at::Tensor& x, const at::Tensor& w,
                                                                      const at::Tensor& labels,
-                                                                     const LossOptions& opt);
+                                                                     const at::Tensor& params, const MarginFlags& flags,
+                                                                     int64_t sub_centers, int64_t chunk);
 
 // From the gradients of the three statistics (each (B,), any strides) and the lse the
 // forward returned: dz_ij = g_lse_i p_ij + g_target_i [j = y_i] + g_sum_i. Returns
@@ -36,6 +29,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_ce_cpu_forward(const at::T
 std::tuple<at::Tensor, at::Tensor> margin_ce_cpu_backward(const at::Tensor& grad_lse, const at::Tensor& grad_target,
                                                           const at::Tensor& grad_sum, const at::Tensor& x,
                                                           const at::Tensor& w, const at::Tensor& labels,
-                                                          const at::Tensor& lse, const LossOptions& opt);
+                                                          const at::Tensor& lse, const at::Tensor& params,
+                                                          const MarginFlags& flags, int64_t sub_centers,
+                                                          int64_t chunk);
 
 }  // namespace fastmargin

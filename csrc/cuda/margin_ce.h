@@ -1,7 +1,8 @@
 // The fused CUDA margin cross-entropy (DESIGN §1-3) as the binding file sees it: plain
-// pointers and a plan, no torch. The binding (csrc/fastmargin.cpp) allocates, computes the
-// norms, makes the LaunchPlan (launch_plan.h), launches, and merges the partial results
-// in a fixed order; the kernels are margin_ce_fwd.cu and margin_ce_bwd.cu.
+// pointers and a plan, no torch. The binding (csrc/fastmargin.cpp) allocates, makes the
+// LaunchPlan (launch_plan.h) and launches; the kernels are margin_ce_fwd.cu and
+// margin_ce_bwd.cu. They write per-split partial results, which fastmargin/gpu_host.py
+// merges in a fixed order, as it does the Triton kernels'.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -31,8 +32,9 @@ struct MarginCeArgs {
   const void* x_inv_norm;   // (B,) acc: 1 / max(||x_i||, kNormEps)
   const void* w_norm;       // (C*K,) acc
   const void* w_inv_norm;   // (C*K,) acc
-  double scale;
-  MarginParams margin;
+  const void* params;       // (kNumParams, R) acc: the lowered margin (margin.h), row i's in column i
+  int64_t stride_param, stride_row;  // stride_row 0 when every row reads column 0
+  MarginFlags flags;
   // backward inputs, (B,) acc each: the forward's lse and the statistics' gradients
   const void* lse;
   const void* g_lse;

@@ -54,7 +54,7 @@ __global__ void __launch_bounds__(kThreads) margin_ce_bwd_dx_kernel(const Margin
     for (int j = lane; j < nc; j += Tl::kRowThreads) {
       int best;
       const Acc c = class_cosine(dots, w_inv, j, K, &best) * r.x_inv;
-      const Dcos<Acc> d = dcos_of(c, j == target, r, a.margin);
+      const Dcos<Acc> d = dcos_of(c, j == target, r, a);
       norm_grad += d.dz_zc;
       for (int k = 0; k < K; ++k) g_row[j * K + k] = convert<T>(k == best ? d.dcos * w_inv[j * K + k] : Acc(0));
     }
@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(kThreads) margin_ce_bwd_dw_kernel(const Margin
     for (int j = lane; j < nc; j += Tl::kRowThreads) {
       int best;
       const Acc c = class_cosine(dots, w_inv, j, K, &best) * r.x_inv;
-      const Dcos<Acc> d = dcos_of(c, j == target, r, a.margin);
+      const Dcos<Acc> d = dcos_of(c, j == target, r, a);
       for (int k = 0; k < K; ++k) {
         g_row[j * K + k] = convert<T>(k == best ? d.dcos * r.x_inv : Acc(0));
         dots[j * K + k] = k == best ? d.dcos * c : Acc(0);

@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(kThreads) margin_ce_fwd_kernel(const MarginCeA
       int best;
       const Acc c = class_cosine(dots, w_inv, j, K, &best) * r.x_inv;
       const bool is_target = j == target;
-      const Acc z = logit(r.scale, is_target ? psi(c, a.margin) : c);
+      const Acc z = logit(r.scale, is_target ? psi(c, row_margin(a, r), a.flags) : c);
       z_target += is_target ? z : Acc(0);
       z_sum += z;
       // One exp an element; a new maximum rescales the sum instead. A NaN z fails the

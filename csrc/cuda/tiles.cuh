@@ -314,7 +314,10 @@ __device__ Row<Acc> load_row(const MarginCeArgs& a, int64_t B, int64_t index, bo
   r.valid = index < B;
   r.label = r.valid ? a.labels[index] : -1;
   r.x_inv = r.valid ? static_cast<const Acc*>(a.x_inv_norm)[index] : Acc(0);
-  r.scale = Acc(a.scale) * (a.margin.is_sphereface() && r.valid ? static_cast<const Acc*>(a.x_norm)[index] : Acc(1));
+  if (r.valid) {
+    r.scale = static_cast<const Acc*>(a.params)[kScale * a.stride_param + index * a.stride_row];
+    if (a.flags.kind == kSphere) r.scale *= static_cast<const Acc*>(a.x_norm)[index];
+  }
   if (backward && r.valid) {
     r.lse = static_cast<const Acc*>(a.lse)[index];
     r.g_lse = static_cast<const Acc*>(a.g_lse)[index];
@@ -374,12 +377,23 @@ struct Dcos {
   Acc dcos, dz_zc;
 };
 
+// Row r's margin (its column of the params, or the one column every row shares).
 template <class Acc>
-__device__ __forceinline__ Dcos<Acc> dcos_of(Acc c, bool is_target, const Row<Acc>& r, const MarginParams& m) {
+__device__ __forceinline__ MarginParams<Acc> row_margin(const MarginCeArgs& a, const Row<Acc>& r) {
+  return margin_row(static_cast<const Acc*>(a.params), a.stride_param, a.stride_row, r.index);
+}
+
+template <class Acc>
+__device__ __forceinline__ Dcos<Acc> dcos_of(Acc c, bool is_target, const Row<Acc>& r, const MarginCeArgs& a) {
   if (!r.valid) return {Acc(0), Acc(0)};
-  const Acc zc = is_target ? psi(c, m) : c;
-  const Acc dz = r.g_lse * fast_exp(logit(r.scale, zc) - r.lse) + (is_target ? r.g_target : Acc(0)) + r.g_sum;
-  return {r.scale * dz * (is_target ? psi_grad(c, m) : Acc(1)), dz * zc};
+  if (!is_target) {
+    const Acc dz = r.g_lse * fast_exp(logit(r.scale, c) - r.lse) + r.g_sum;
+    return {r.scale * dz, dz * c};
+  }
+  const MarginParams<Acc> m = row_margin(a, r);
+  const Acc zc = psi(c, m, a.flags);
+  const Acc dz = r.g_lse * fast_exp(logit(r.scale, zc) - r.lse) + r.g_target + r.g_sum;
+  return {r.scale * dz * psi_grad(c, m, a.flags), dz * zc};
 }
 
 }  // namespace cuda
