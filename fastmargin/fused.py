@@ -13,8 +13,9 @@ fastmargin.loss, shared. A backend supplies
 where (params, flags) is the margin lowered once per call (fastmargin.margins.lower; the
 kernels compute in params' dtype), chunk the backend's class block or split (its
 `default_chunk` when the user gives none) and allow_tf32 whether fp32 GEMM operands may be
-rounded to tf32 on a GPU, read once in forward and carried to backward, so that backward
-recomputes the cosines the forward's lse saw. The backward recomputes the logits and uses
+rounded to tf32 on a GPU (torch's setting; CPU kernels and the Triton interpreter compute
+exact fp32 whatever it says), read once in forward and carried to backward, so that
+backward recomputes the cosines the forward's lse saw. The backward recomputes the logits and uses
 dz_ij = g_lse_i p_ij + g_target_i [j = y_i] + g_sum_i (DESIGN §3), and returns each
 gradient torch.empty_like its input (a dense input's strides: PML's W.t() gets a gradient
 whose .t() is contiguous). register() makes them the custom ops fastmargin::<backend>_fwd /
@@ -121,8 +122,8 @@ def register(backend: str, forward: Callable, backward: Callable, device_type: s
     def row_statistics(embeddings, weight, labels, margin: Margin, scale: float, sub_centers=1, chunk_size=None):
         lowered = lower(margin, scale, compute_dtype(embeddings, weight), embeddings.device)
         chunk = chunk_size or default_chunk(embeddings.shape[0], sub_centers)
-        allow_tf32 = device_type == "cuda" and tf32_allowed()
-        return fwd(embeddings, weight, labels, lowered.params, list(lowered.flags), sub_centers, chunk, allow_tf32)
+        return fwd(embeddings, weight, labels, lowered.params, list(lowered.flags), sub_centers, chunk,
+                   tf32_allowed())
 
     row_statistics.__doc__ = f"The {backend!r} backend's row statistics: see fastmargin.reference.row_statistics."
     return row_statistics

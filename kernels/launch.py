@@ -8,6 +8,7 @@ one process to the next. Blocks are powers of two and at least 16 where tl.dot n
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -65,6 +66,13 @@ def config(D: int, K: int, dtype: torch.dtype, backward: bool) -> Config:
     return Config(rows, block_c, k_pad, block_d, block_do, num_warps=4 if INTERPRET else 8, num_stages=2)
 
 
+def on_device(device: torch.device):
+    """The context every launch runs in: the tensors' GPU as the current device. Triton launches
+    on the current device's current stream, which is not the tensors' when they live on
+    cuda:1 and the current device is cuda:0 (a crash, or a race with their stream)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def margin_args(params: torch.Tensor, flags, B: int) -> tuple[tuple, dict]:
     """The lowered margin (fastmargin.margins.lower) as kernel arguments: (params, stride over
     the params, stride over the rows: 0 when every row shares column 0) and the margin's
@@ -80,18 +88,39 @@ def dtypes(x: torch.Tensor, w: torch.Tensor, acc: torch.dtype, allow_tf32: bool)
     (the inputs' dtype if they share one, else ACC_DTYPE), UPCAST (see tiles.dot_acc) and
     PRECISION (tf32 for fp32 dots where the forward found torch allowing it)."""
     dot = x.dtype if x.dtype == w.dtype else acc
-    tf32 = dot == torch.float32 and allow_tf32
+    tf32 = dot == torch.float32 and allow_tf32 and not INTERPRET
     return dict(
         ACC_DTYPE=TL_DTYPES[acc], DOT_DTYPE=TL_DTYPES[dot],
         UPCAST=INTERPRET and dot in (torch.float16, torch.bfloat16), PRECISION="tf32" if tf32 else "ieee",
     )
 
 
-def split_size(num_classes: int, chunk: int, row_blocks: int, cfg: Config, device: torch.device) -> int:
-    """Classes per program of the walks over the classes (forward and dx): `chunk` if given,
-    else enough splits of the classes for two waves of programs, in whole tiles."""
-    if chunk <= 0:
+# CUDA's limit on grid dimensions y and z: the forward's and dx's split axis.
+MAX_GRID_YZ = 65535
+# The backward's per-split dx̂ partials, (splits, B, D) in the compute dtype, may take this
+# much memory at most: more splits than fit are merged into fewer, whatever chunk_size asks
+# (a chunk of 64 classes at B = 8192, C = 2M, D = 512 would otherwise need 532 GB). 256 MiB
+# is 2 splits at B = 32768, D = 512 in fp64, and splits beyond a few waves buy nothing.
+PARTIAL_BUDGET_BYTES = 256 << 20
+
+
+def split_size(num_classes: int, chunk: int, B: int, D: int, acc_bytes: int, cfg: Config,
+               device: torch.device) -> int:
+    """Classes per program of the walks over the classes (forward and dx), in whole tiles.
+
+    chunk > 0 asks for that many classes a split (chunk_size), 0 for enough splits for two
+    waves of programs over the device; either way the splits are at most MAX_GRID_YZ and
+    their dx̂ partials (B * D * acc_bytes each) within PARTIAL_BUDGET_BYTES, so chunk_size
+    is a lower bound, raised where it would break either."""
+    def whole_tiles(classes):
+        return triton.cdiv(classes, cfg.BLOCK_C) * cfg.BLOCK_C
+
+    if chunk > 0:
+        split = whole_tiles(chunk)
+    else:
         units = 1 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
-        splits = max(1, min(triton.cdiv(num_classes, cfg.BLOCK_C), triton.cdiv(2 * units, row_blocks)))
-        chunk = triton.cdiv(num_classes, splits)
-    return triton.cdiv(chunk, cfg.BLOCK_C) * cfg.BLOCK_C
+        split = whole_tiles(triton.cdiv(num_classes, triton.cdiv(2 * units, triton.cdiv(B, cfg.BLOCK_B))))
+    most = min(MAX_GRID_YZ, max(1, PARTIAL_BUDGET_BYTES // (B * D * acc_bytes)))
+    if triton.cdiv(num_classes, split) > most:
+        split = whole_tiles(triton.cdiv(num_classes, most))
+    return split

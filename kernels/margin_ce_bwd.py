@@ -174,18 +174,19 @@ def backward(g_lse, g_target, g_sum, x, w, labels, lse, x_norm, x_inv_norm, w_no
     vectors = (lse, g_lse, g_target, g_sum)
     cfg = launch.config(D, sub_centers, params.dtype, backward=True)
     row_blocks, d_blocks = triton.cdiv(B, cfg.BLOCK_B), triton.cdiv(D, cfg.BLOCK_DO)
-    split = launch.split_size(C, chunk, row_blocks, cfg, x.device)
+    split = launch.split_size(C, chunk, B, D, params.element_size(), cfg, x.device)
     splits = triton.cdiv(C, split)
     strides = (x.stride(0), x.stride(1), w.stride(0), w.stride(1))
 
     dx_hat = x.new_empty(splits, B, D, dtype=params.dtype)
     norm_grad = x.new_empty(splits, B, dtype=params.dtype)
-    margin_ce_bwd_dx_kernel[(row_blocks, d_blocks, splits)](
-        x, w, *rows, w_inv_norm, *margin_args, *vectors, dx_hat, norm_grad,
-        B, C, D, sub_centers, split, *strides, **meta, **cfg.meta(with_output_block=True),
-    )
-    margin_ce_bwd_dw_kernel[(triton.cdiv(C, cfg.BLOCK_C), d_blocks)](
-        x, w, *rows, w_norm, w_inv_norm, *margin_args, *vectors, dw,
-        B, C, D, sub_centers, *strides, dw.stride(0), dw.stride(1), **meta, **cfg.meta(with_output_block=True),
-    )
+    with launch.on_device(x.device):
+        margin_ce_bwd_dx_kernel[(row_blocks, d_blocks, splits)](
+            x, w, *rows, w_inv_norm, *margin_args, *vectors, dx_hat, norm_grad,
+            B, C, D, sub_centers, split, *strides, **meta, **cfg.meta(with_output_block=True),
+        )
+        margin_ce_bwd_dw_kernel[(triton.cdiv(C, cfg.BLOCK_C), d_blocks)](
+            x, w, *rows, w_norm, w_inv_norm, *margin_args, *vectors, dw,
+            B, C, D, sub_centers, *strides, dw.stride(0), dw.stride(1), **meta, **cfg.meta(with_output_block=True),
+        )
     return dx_hat, norm_grad, dw

@@ -82,14 +82,15 @@ def forward(x, w, labels, x_norm, x_inv_norm, w_inv_norm, params, flags, sub_cen
     del margin_meta["DETACHED"]  # the forward has no gradient
     cfg = launch.config(D, sub_centers, params.dtype, backward=False)
     row_blocks = triton.cdiv(B, cfg.BLOCK_B)
-    split = launch.split_size(C, chunk, row_blocks, cfg, x.device)
+    split = launch.split_size(C, chunk, B, D, params.element_size(), cfg, x.device)
     splits = triton.cdiv(C, split)
     row_max, row_sum_exp, z_sum, z_target = (x.new_empty(splits, B, dtype=params.dtype) for _ in range(4))
-    margin_ce_fwd_kernel[(row_blocks, splits)](
-        x, w, labels, x_norm, x_inv_norm, w_inv_norm, *margin_args,
-        row_max, row_sum_exp, z_sum, z_target,
-        B, C, D, sub_centers, split,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-        **margin_meta, **cfg.meta(), **launch.dtypes(x, w, params.dtype, allow_tf32),
-    )
+    with launch.on_device(x.device):
+        margin_ce_fwd_kernel[(row_blocks, splits)](
+            x, w, labels, x_norm, x_inv_norm, w_inv_norm, *margin_args,
+            row_max, row_sum_exp, z_sum, z_target,
+            B, C, D, sub_centers, split,
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+            **margin_meta, **cfg.meta(), **launch.dtypes(x, w, params.dtype, allow_tf32),
+        )
     return row_max, row_sum_exp, z_sum, z_target

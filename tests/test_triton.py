@@ -150,16 +150,6 @@ def test_config_tiles(dtype, K):
         assert min(cfg.BLOCK_B, cfg.BLOCK_C * cfg.K_PAD, cfg.BLOCK_D, cfg.BLOCK_DO) >= 16
 
 
-@pytest.mark.parametrize("C, chunk", [(1, 0), (1001, 0), (1001, 1), (1001, 300), (10**7, 5000), (1001, 10**6)])
-def test_split_size(C, chunk):
-    """Splits are whole tiles and cover the classes: cdiv(C, split) programs, none empty."""
-    cfg = launch.config(512, 1, torch.float32, backward=False)
-    split = launch.split_size(C, chunk, 3, cfg, torch.device("cpu"))
-    assert split % cfg.BLOCK_C == 0 and split >= max(chunk, 1)
-    splits = triton.cdiv(C, split)
-    assert (splits - 1) * split < C <= splits * split
-
-
 # ---------------------------------------------------------------- the real compiler, no GPU needed
 
 COMPILE_SCRIPT = r"""
