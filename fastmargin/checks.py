@@ -41,14 +41,37 @@ def check_options(label_smoothing: object, reduction: object, ignore_index: obje
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
 
 
-def _check_float(name: str, t: object) -> torch.Tensor:
+def _check_tensor(name: str, t: object, kind: str = "a torch.Tensor") -> None:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(f"{name} must be {kind}, got {type(t).__name__}: convert it with torch.as_tensor({name})")
+
+
+def _check_float(name: str, t: object) -> torch.Tensor:
+    _check_tensor(name, t)
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} has dtype {t.dtype}; use one of float16, bfloat16, float32, float64")
     if t.layout != torch.strided:
         raise TypeError(f"{name} is a {t.layout} tensor; pass a dense one ({name}.to_dense())")
     return t
+
+
+def check_types(embeddings: object, labels: object) -> None:
+    """What a module checks before it touches the tensors (moves the labels, casts its
+    weight to the embeddings' dtype): float embeddings, labels a tensor. The rest is
+    check_inputs'."""
+    _check_float("embeddings", embeddings)
+    _check_tensor("labels", labels, "a torch.Tensor of class indices")
+
+
+def check_embedding_size(owner: str, embedding_size: int, embeddings: torch.Tensor) -> None:
+    """A module's own class weights fix D: a mismatch is told in the module's terms, not as
+    a `weight` of shape (C*K, D) that its caller never passed."""
+    if embeddings.dim() == 2 and embeddings.shape[1] != embedding_size:
+        raise ValueError(
+            f"{owner} holds class weights of embedding_size {embedding_size}, but the embeddings have "
+            f"dim {embeddings.shape[1]}: pass embeddings of shape (batch, {embedding_size}) or build "
+            f"{owner} with embedding_size={embeddings.shape[1]}"
+        )
 
 
 def check_inputs(
@@ -66,8 +89,7 @@ def check_inputs(
     """
     _check_float("embeddings", embeddings)
     _check_float("weight", weight)
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor of class indices, got {type(labels).__name__}")
+    _check_tensor("labels", labels, "a torch.Tensor of class indices")
     if embeddings.dim() != 2:
         raise ValueError(f"embeddings must be 2-D (batch, dim), got shape {tuple(embeddings.shape)}")
     if weight.dim() != 2:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -41,6 +43,22 @@ def compiled_out_of_range(backend, device):
     f = torch.compile(lambda x, w, y: fastmargin.margin_cross_entropy(x, w, y, backend=backend), fullgraph=True)
     x, w, _ = good(device)
     return f(x, w, torch.tensor([0, 1, 7, 3], device=device))
+
+
+def set_margin(loss, value):
+    loss.margin = value
+
+
+def without_pml(call):
+    """call() with pytorch-metric-learning unimportable, as where it is not installed."""
+    hidden = {name: None for name in ("pytorch_metric_learning", "pytorch_metric_learning.reducers",
+                                      "pytorch_metric_learning.distances")}
+    with mock.patch.dict(sys.modules, hidden):
+        return call()
+
+
+def pml_distance(name):
+    return getattr(pytest.importorskip("pytorch_metric_learning.distances"), name)()
 
 
 # case -> (call(backend, device), exception). The message excerpts live in docs/errors.md.
@@ -79,7 +97,26 @@ CASES = {
     "module-no-labels": (lambda b, d: fastmargin.CosFaceLoss(10, 3, backend=b).to(d)(good(d)[0]), ValueError),
     "module-miner": (lambda b, d: fastmargin.CosFaceLoss(10, 3, backend=b).to(d)(
         good(d)[0], good(d)[2], indices_tuple=(0, 1, 2)), ValueError),
-    "module-pml-only-option": (lambda b, d: fastmargin.ArcFaceLoss(10, 16, reducer=object()), TypeError),
+    "module-embeddings-not-a-tensor": (lambda b, d: fastmargin.CosFaceLoss(10, 3, backend=b).to(d)(
+        good()[0].numpy(), good(d)[2]), TypeError),
+    "module-labels-not-a-tensor": (lambda b, d: fastmargin.CosFaceLoss(10, 3, backend=b).to(d)(
+        good(d)[0], [0, 1, 2, 3]), TypeError),
+    "module-unknown-option": (lambda b, d: fastmargin.ArcFaceLoss(10, 16, bakend=b), TypeError),
+    "module-backend-unknown": (lambda b, d: fastmargin.ArcFaceLoss(10, 16, backend="cpp"), ValueError),
+    "module-margin-degrees": (lambda b, d: fastmargin.ArcFaceLoss(10, 16, margin=180, backend=b), ValueError),
+    "module-margin-attribute-radians": (lambda b, d: set_margin(fastmargin.ArcFaceLoss(10, 16, backend=b), 28.6),
+                                        ValueError),
+    "module-cosface-margin": (lambda b, d: fastmargin.CosFaceLoss(10, 16, margin=3, backend=b), ValueError),
+    "module-sphereface-margin": (lambda b, d: fastmargin.SphereFaceLoss(10, 16, margin=0, backend=b), ValueError),
+    "get-outliers-dim-mismatch": (lambda b, d: fastmargin.SubCenterArcFaceLoss(10, 16, backend=b).to(d).get_outliers(
+        torch.randn(4, 8, device=d), torch.tensor([0, 1, 2, 3], device=d)), ValueError),
+    "module-distance-not-cosine": (lambda b, d: fastmargin.ArcFaceLoss(10, 16, distance=pml_distance("LpDistance")),
+                                   TypeError),
+    "module-pml-part-not-callable": (lambda b, d: fastmargin.ArcFaceLoss(10, 16, reducer=object()), TypeError),
+    "module-pml-missing": (lambda b, d: without_pml(lambda: fastmargin.ArcFaceLoss(
+        10, 16, weight_regularizer=lambda w: w.pow(2).sum())), ImportError),
+    "module-reducer-with-reduction": (lambda b, d: fastmargin.ArcFaceLoss(
+        10, 16, reducer=lambda loss_dict, embeddings, labels: 0, reduction="sum"), ValueError),
 }
 
 

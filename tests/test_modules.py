@@ -350,26 +350,6 @@ def test_ref_emb_raises(name):
         loss(x, labels, ref_emb=x.clone())
 
 
-def pml_only_kwarg(kwarg):
-    import pytorch_metric_learning.distances as distances
-    import pytorch_metric_learning.reducers as reducers
-    import pytorch_metric_learning.regularizers as regularizers
-
-    pml_losses()
-    return {
-        "reducer": reducers.MeanReducer,
-        "distance": distances.CosineSimilarity,
-        "weight_regularizer": regularizers.RegularFaceRegularizer,
-    }[kwarg]()
-
-
-@pytest.mark.parametrize("kwarg", ["reducer", "distance", "weight_regularizer"])
-@pytest.mark.parametrize("name", list(DROP_INS))
-def test_pml_only_kwargs_raise_type_error_naming_them(name, kwarg):
-    with pytest.raises(TypeError, match=kwarg):
-        DROP_INS[name](num_classes=4, embedding_size=3, **{kwarg: pml_only_kwarg(kwarg)})
-
-
 @pytest.mark.parametrize("name", list(DROP_INS))
 def test_positional_construction_matches_pml_defaults(name):
     """ours(10, 8) is (num_classes=10, embedding_size=8) with PML's default margin and scale.
@@ -383,11 +363,14 @@ def test_positional_construction_matches_pml_defaults(name):
     ours_margin = {"ArcFaceLoss": margin.m2, "SubCenterArcFaceLoss": margin.m2,
                    "CosFaceLoss": margin.m3, "SphereFaceLoss": margin.sphere_m}[name]
     assert ours_margin == pytest.approx(float(pml.margin), rel=1e-12)
+    assert ours.margin == pytest.approx(float(pml.margin), rel=1e-12), "the attribute in PML's units"
 
 
 # -------------------------------------------------------------------------------------------
-# 6. dtype policy. PML casts W.data in place to the embeddings' dtype on every forward; we
-# cast out of place, so the parameter (and its optimizer state) keeps its dtype.
+# 6. dtype policy. The PML drop-ins move W in place to the embeddings' dtype outside
+# autocast, as PML does (tests/test_pml_compat.py holds them to PML). CombinedMarginLoss
+# casts its weight out of place, so the parameter (and its optimizer state) keeps its dtype.
+# Under autocast every module uses its weight as it is and returns the fp32 loss.
 
 MODULE_FACTORIES = [
     pytest.param(lambda: ArcFaceLoss(num_classes=9, embedding_size=16), id="arcface"),
@@ -420,7 +403,10 @@ def batch_for_dtype_tests(dtype):
     return torch.randn(13, 16, generator=gen).to(dtype), make_labels(13, 9)
 
 
-@pytest.mark.parametrize("factory", MODULE_FACTORIES)
+COMBINED_ONLY = [f for f in MODULE_FACTORIES if f.id == "combined"]
+
+
+@pytest.mark.parametrize("factory", COMBINED_ONLY)
 def test_float64_embeddings_with_float32_module(factory):
     torch.manual_seed(0)
     module = factory()
@@ -437,10 +423,10 @@ def test_float64_embeddings_with_float32_module(factory):
 
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("factory", MODULE_FACTORIES)
+@pytest.mark.parametrize("factory", COMBINED_ONLY)
 def test_half_embeddings_outside_autocast(factory, dtype, rtol):
-    """The loss comes back in the embeddings' dtype (computed in fp32 inside, on W rounded
-    to that dtype, as PML's cast would); W keeps float32 and its storage."""
+    """The loss comes back in the embeddings' dtype (computed in fp32 inside, on the weight
+    rounded to that dtype out of place); the weight keeps float32 and its storage."""
     torch.manual_seed(0)
     module = factory()
     weight = weight_of(module)
@@ -483,7 +469,8 @@ def test_bf16_autocast(factory):
 
 def annealed_reference(module, x, labels, lam):
     return fastmargin.margin_cross_entropy(
-        x, module.W.t(), labels, scale=module.scale, sphere_m=module.margin.sphere_m, sphere_lambda=lam,
+        x, module.W.t(), labels, scale=module.scale, sphere_m=module.current_margin().sphere_m,
+        sphere_lambda=lam,
     )
 
 
