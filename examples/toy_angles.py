@@ -1,6 +1,11 @@
 """The papers' toy picture: 8 identities trained into 2-D embeddings, drawn on the circle.
 
-    python examples/toy_angles.py [--backend auto] [--device cpu] [--steps 1500] [--out docs/toy_angles.png]
+    python examples/toy_angles.py [--backend auto] [--device cpu] [--steps 1500] [--out toy_angles.png]
+
+writes toy_angles.png in the current directory (--out elsewhere). The picture in the
+README, docs/toy_angles.png, is redrawn with the defaults (seed 0, 1500 steps) by
+
+    python examples/toy_angles.py --out docs/toy_angles.png
 
 The digits 0-7 of scikit-learn's bundled images are the 8 identities. The same network
 (train_digits.embedding_net with a 2-D output) is trained with plain softmax (a Linear
@@ -109,14 +114,17 @@ def draw(ax: plt.Axes, title: str, points: torch.Tensor, labels: torch.Tensor,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--backend", default="auto",
                         help="fused backend for the margin losses: auto (the fastest here), cpu, triton, cuda")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--steps", type=int, default=1500, help="training steps per loss")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the networks' initial weights and the batches")
     parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "toy_angles.png")
+    # Not docs/toy_angles.png: a run of the example must not overwrite the committed picture.
+    parser.add_argument("--out", type=Path, default=Path("toy_angles.png"),
+                        help="where to write the PNG (docs/toy_angles.png redraws the README's picture)")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be at least 1")

@@ -300,7 +300,7 @@ def format_table(results: list[Result], compare_steps: int) -> str:
 # A batch of 128 through a 128-wide MLP is too small to split across threads: on a busy
 # 2-core machine two threads made a step 7-30x slower than one (about 1 ms), as each
 # parallel region waits for a core.
-THREADS_HELP = "CPU threads for torch and the fused CPU kernel (default 1: the network is tiny)"
+THREADS_HELP = "CPU threads for torch and the fused CPU kernel (1 suffices: the network is tiny)"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -320,13 +320,15 @@ def resolve_backend(name: str, device: torch.device) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[Result]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--backend", default="auto",
                         help="fused backend to train through: auto (the fastest here), cpu, triton, cuda")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--steps", type=int, default=300, help="training steps per loss")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="a short run (100 steps), for tests")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the data split, the networks' initial weights and the batches")
+    parser.add_argument("--quick", action="store_true", help="a short run (100 steps, overriding --steps), for tests")
     parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     args = parser.parse_args(argv)
     steps = 100 if args.quick else args.steps

@@ -13,13 +13,17 @@ labels in [0, C). W.pt, saved with torch.save, one of
   - a bare tensor in either layout, told apart by which side equals D.
 Writes to DIR: kept_indices.npy (int64, ascending rows of E kept), new_labels.npy (int64,
 the kept rows' labels renumbered 0..C'-1), class_map.npy (int64 (C,), old label -> new,
--1 for a removed class) and report.json, and prints the report.
+-1 for a removed class) and report.json, and prints the report. A threshold that drops
+more than half of the samples (one given in radians, say) is warned about on stderr and
+under "warnings" in report.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -48,8 +52,9 @@ def _parser() -> argparse.ArgumentParser:
                              "or a bare tensor")
     parser.add_argument("--k", required=True, type=int, help="sub-centers per class")
     parser.add_argument("--threshold", type=float, default=PAPER_THRESHOLD,
-                        help="outlier angle to the dominant sub-center, degrees "
-                             f"(default {PAPER_THRESHOLD:g})")
+                        help="outlier angle to the dominant sub-center, in degrees, not radians "
+                             f"(default {PAPER_THRESHOLD:g}, the paper's); a warning says when it "
+                             "drops most of the samples")
     parser.add_argument("--out", required=True, type=Path, help="output directory (created if missing)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                         help=f"rows per batch; memory is O(batch * K * D) (default {DEFAULT_BATCH_SIZE})")
@@ -224,8 +229,13 @@ def main(argv: list[str] | None = None) -> None:
         embeddings.to(device), weight.to(device), labels.to(device), args.k,
         batch_size=args.batch_size, progress=_progress(num_batches, args.quiet),
     )
-    purified = purify(stats, args.threshold)
+    # purify's warnings (a threshold that drops most of the data) go to stderr, even with
+    # --quiet, and into report.json, where a pipeline that exits 0 will still find them.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        purified = purify(stats, args.threshold)
     report = build_report(stats, purified, args.threshold)
+    report["warnings"] = [str(warning.message) for warning in caught]
     report["inputs"] = {"embeddings": str(args.embeddings), "labels": str(args.labels),
                         "weights": str(args.weights), "weight_layout": layout}
 
@@ -237,6 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.quiet:
         print(format_report(report))
         print(f"wrote kept_indices.npy, new_labels.npy, class_map.npy, report.json to {args.out}")
+    for message in report["warnings"]:  # last, so that they are what a terminal shows
+        print(f"warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

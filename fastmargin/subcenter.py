@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -34,6 +35,11 @@ from .reference import compute_dtype
 DEFAULT_BATCH_SIZE = 16384
 
 PAPER_THRESHOLD = 75.0  # degrees, the TPAMI paper's and pytorch-metric-learning's default
+
+# purify warns when its outliers are more than this share of the samples: noisy datasets
+# hold tens of percent of noise, while a threshold given in radians by mistake (1.3 for 75
+# degrees) drops nearly everything.
+MOST_DROPPED = 0.5
 
 
 @dataclass(frozen=True)
@@ -183,14 +189,30 @@ class Purified:
 
 def purify(stats: SubCenterStats, threshold: float = PAPER_THRESHOLD) -> Purified:
     """Drops the outliers at `threshold` degrees (and the ignored rows, which belong to no
-    class), removes the classes left empty and renumbers the rest contiguously."""
-    kept = stats.valid & ~stats.is_outlier(threshold)
+    class), removes the classes left empty and renumbers the rest contiguously.
+
+    Warns (UserWarning) when the outliers are more than MOST_DROPPED of the samples not
+    ignored, saying how many and that the threshold is in degrees."""
+    outlier = stats.is_outlier(threshold)
+    samples, dropped = int(stats.valid.sum()), int(outlier.sum())
+    if dropped > MOST_DROPPED * samples:
+        warnings.warn(_dropped_most(threshold, dropped, samples), stacklevel=2)
+    kept = stats.valid & ~outlier
     kept_indices = kept.nonzero().flatten()
     old_labels = stats.labels[kept_indices]
     survives = torch.zeros(stats.num_classes, dtype=torch.bool, device=kept.device)
     survives[old_labels] = True
     class_map = torch.where(survives, survives.long().cumsum(0) - 1, -1)
     return Purified(kept_indices=kept_indices, new_labels=class_map[old_labels], class_map=class_map)
+
+
+def _dropped_most(threshold: float, dropped: int, samples: int) -> str:
+    message = (f"threshold {threshold:g} degrees makes {dropped} of {samples} samples "
+               f"({dropped / samples:.0%}) outliers: the threshold is an angle in degrees, "
+               f"{PAPER_THRESHOLD:g} in the paper")
+    if threshold <= math.pi:
+        message += f" ({threshold:g} radians would be {math.degrees(threshold):.1f} degrees)"
+    return message
 
 
 def _check_threshold(threshold: float) -> float:

@@ -86,10 +86,25 @@ def test_angular_gaps_by_hand():
     torch.testing.assert_close(gaps, torch.full((8,), 35.2, dtype=torch.float64), rtol=0, atol=1e-9)
 
 
-def test_toy_angles_few_steps(tmp_path):
-    out = tmp_path / "toy.png"
-    toy_angles.main(["--steps", "3", "--out", str(out)])
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_toy_angles_few_steps_writes_to_the_current_directory(tmp_path, monkeypatch):
+    """By default the picture goes to the current directory, never over the committed
+    docs/toy_angles.png."""
+    committed = Path(toy_angles.__file__).resolve().parents[1] / "docs" / "toy_angles.png"
+    before = committed.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    toy_angles.main(["--steps", "3"])
+    assert (tmp_path / "toy_angles.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert committed.read_bytes() == before
+
+
+@pytest.mark.parametrize("example, default", [(toy_angles, "(default: 1500)"), (train_digits, "(default: 300)")],
+                         ids=["toy_angles", "train_digits"])
+def test_help_shows_the_defaults(example, default, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        example.main(["--help"])
+    assert exit_info.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert default in shown and "(default: auto)" in shown and "(default: 0)" in shown
 
 
 @pytest.mark.slow

@@ -218,9 +218,33 @@ def test_cli_writes_what_the_library_computes(inputs, form, capsys):
     assert report["inputs"]["weight_layout"].startswith(layout)
     share = report["dominant_share"]
     assert 0 < share["min"] <= share["q25"] <= share["median"] <= share["q75"] <= share["max"] <= 1
-    printed = capsys.readouterr().out
-    assert f"samples:    {kept} kept of 100" in printed
-    assert "dominant sub-center share" in printed
+    printed = capsys.readouterr()
+    assert f"samples:    {kept} kept of 100" in printed.out
+    assert "dominant sub-center share" in printed.out
+    assert report["warnings"] == [] and "warning" not in printed.err
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_cli_warns_when_the_threshold_drops_most_samples(inputs, quiet, capsys):
+    """--threshold 1.3 (75 degrees in radians, by mistake) drops nearly every sample: the run
+    completes (exit 0), and says so on stderr, even with --quiet, and in report.json."""
+    tmp_path = inputs[0]
+    main(cli_args(tmp_path, "--threshold", "1.3", *(["--quiet"] if quiet else [])))
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    dropped = report["samples"]["dropped"]
+    assert dropped > 50
+    err = capsys.readouterr().err
+    message = (f"threshold 1.3 degrees makes {dropped} of 100 samples ({dropped}%) outliers: the threshold "
+               "is an angle in degrees, 75 in the paper (1.3 radians would be 74.5 degrees)")
+    assert report["warnings"] == [message]
+    assert f"warning: {message}" in err
+
+
+def test_purify_warns_when_most_samples_are_outliers():
+    x, weight, labels, _ = planted_noise()
+    stats = sub_center_stats(x, weight, labels, 3)
+    with pytest.warns(UserWarning, match=r"of 800 samples \(\d+%\) outliers: the threshold is an angle in degrees"):
+        purify(stats, threshold=1.3)
 
 
 class Terminal(io.StringIO):
@@ -245,6 +269,7 @@ def test_cli_help_runs_as_a_module():
     assert result.returncode == 0, result.stderr
     for option in ("--embeddings", "--labels", "--weights", "--k", "--threshold", "--out", "--batch-size"):
         assert option in result.stdout
+    assert "in degrees, not radians" in " ".join(result.stdout.split())
 
 
 def break_missing_file(tmp_path):
