@@ -35,6 +35,19 @@ from .loss import loss_from_statistics
 from .margins import Margin
 
 
+class _Local:
+    """The type of LOCAL."""
+
+    def __repr__(self) -> str:
+        return "fastmargin.distributed.LOCAL"
+
+
+# group=LOCAL: this process alone, without torch.distributed (no process group needed): a
+# world of one, whose collectives are identities and are skipped. Single-GPU training runs
+# PartialFC so, with the code it would run on many.
+LOCAL = _Local()
+
+
 def class_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
     """[start, end) of the classes rank `rank` holds: as even as possible, the first
     num_classes % world_size ranks one class more."""
@@ -138,6 +151,13 @@ class PartialFC(torch.nn.Module):
     turns on PartialFC's negative-class sampling (sample_classes): each step keeps every
     class that is a target in the global batch and a random share of the others; 1.0 is the
     exact loss. With sampling, label smoothing averages over the kept classes.
+
+    group: the process group (None: the default one, which must be initialised), or LOCAL
+    for a single process without torch.distributed. operand_dtype: None reads the gathered
+    embeddings and the shard in their own dtypes; torch.float16 (or bfloat16) casts both
+    for the fused call, whose GEMM then reads half precision and accumulates in fp32 (DESIGN
+    §1): insightface's fp16 autocast. The loss stays fp32; autograd casts the gradients back
+    to the dtypes of the embeddings and the weight.
     """
 
     def __init__(self, num_classes: int, embedding_size: int, *, scale: float = 64.0,
@@ -145,11 +165,15 @@ class PartialFC(torch.nn.Module):
                  sphere_lambda: float = 0.0, sub_centers: int = 1, grad_mode: str = "exact",
                  theta_policy: str = "fallback", label_smoothing: float = 0.0,
                  ignore_index: int = -100, reduction: str = "mean", sample_rate: float = 1.0,
-                 backend: str = "auto", chunk_size: int | None = None, group=None) -> None:
+                 backend: str = "auto", chunk_size: int | None = None, group=None,
+                 operand_dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        if not dist.is_available() or not dist.is_initialized():
+        if group is not LOCAL and (not dist.is_available() or not dist.is_initialized()):
             raise RuntimeError("PartialFC needs torch.distributed initialised: call "
-                               "torch.distributed.init_process_group first (torchrun sets it up)")
+                               "torch.distributed.init_process_group first (torchrun sets it up), "
+                               "or pass group=fastmargin.distributed.LOCAL for a single process")
+        if operand_dtype not in (None, *checks.FLOAT_DTYPES):
+            raise ValueError(f"operand_dtype={operand_dtype!r}: use None or one of {checks.FLOAT_DTYPES}")
         self.num_classes = checks.check_positive_int("num_classes", num_classes)
         self.embedding_size = checks.check_positive_int("embedding_size", embedding_size)
         self.sub_centers = checks.check_positive_int("sub_centers", sub_centers)
@@ -161,10 +185,11 @@ class PartialFC(torch.nn.Module):
             raise ValueError(f"sample_rate={sample_rate!r} must be in (0, 1]")
         self.label_smoothing, self.ignore_index, self.reduction = label_smoothing, ignore_index, reduction
         self.sample_rate, self.backend, self.chunk_size, self.group = sample_rate, backend, chunk_size, group
-        self.world_size = dist.get_world_size(group)
+        self.operand_dtype = operand_dtype
+        self.world_size = 1 if group is LOCAL else dist.get_world_size(group)
         if num_classes < self.world_size:
             raise ValueError(f"num_classes={num_classes} < world size {self.world_size}: every rank needs a class")
-        self.rank = dist.get_rank(group)
+        self.rank = 0 if group is LOCAL else dist.get_rank(group)
         self.class_start, self.class_end = class_range(num_classes, self.rank, self.world_size)
         rows = (self.class_end - self.class_start) * self.sub_centers
         self.weight = torch.nn.Parameter(torch.normal(0, 0.01, (rows, embedding_size)))
@@ -173,18 +198,24 @@ class PartialFC(torch.nn.Module):
         """embeddings (B_r, D), labels (B_r,) of this rank -> the loss over every rank's rows."""
         checks.check_inputs(embeddings, self.weight, labels, self.sub_centers, self.ignore_index,
                             num_classes=self.num_classes)
-        sizes = _sizes(len(labels), embeddings.device, self.group)
-        x = _GatherEmbeddings.apply(embeddings, sizes, self.group)
-        labels = _all_gather_rows(labels.long(), sizes, self.group)
+        if self.group is LOCAL:
+            x, labels = embeddings, labels.long()
+        else:
+            sizes = _sizes(len(labels), embeddings.device, self.group)
+            x = _GatherEmbeddings.apply(embeddings, sizes, self.group)
+            labels = _all_gather_rows(labels.long(), sizes, self.group)
         valid = labels != self.ignore_index
         local = labels - self.class_start
         local = torch.where(valid & (local >= 0) & (local < self.class_end - self.class_start), local, -1)
         weight, num_classes = self.weight, self.num_classes
         if self.sample_rate < 1.0 and self.training:
             weight, local, num_classes = self._sampled(local)
+        if self.operand_dtype is not None:
+            # After sampling: only the kept rows are cast. Autograd casts the gradients back.
+            x, weight = x.to(self.operand_dtype), weight.to(self.operand_dtype)
         row_statistics = backends.implementation(backends.select(self.backend, embeddings.device))
         stats = row_statistics(x, weight, local, self.margin, self.scale, self.sub_centers, self.chunk_size)
-        lse, z_target, z_sum = _CombineStatistics.apply(*stats, self.group)
+        lse, z_target, z_sum = stats if self.group is LOCAL else _CombineStatistics.apply(*stats, self.group)
         return loss_from_statistics(lse, z_target, z_sum, valid, num_classes, float(self.label_smoothing),
                                     self.reduction)
 
@@ -193,6 +224,8 @@ class PartialFC(torch.nn.Module):
         kept, remapped = sample_classes(local, self.class_end - self.class_start, self.sample_rate)
         k = self.sub_centers
         rows = (kept.unsqueeze(1) * k + torch.arange(k, device=kept.device)).flatten()
+        if self.group is LOCAL:
+            return self.weight.index_select(0, rows), remapped, len(kept)
         count = torch.tensor([len(kept)], device=kept.device)
         dist.all_reduce(count, group=self.group)
         return self.weight.index_select(0, rows), remapped, int(count)
@@ -203,6 +236,8 @@ class PartialFC(torch.nn.Module):
         for export. A collective: every rank must call it."""
         # Shard by shard to rank 0's CPU memory: no rank ever holds more than its own shard
         # and one other on the device (an all-gather would put all of W on every device).
+        if self.group is LOCAL:
+            return self.weight.detach().cpu().clone()
         sizes = _sizes(self.weight.shape[0], self.weight.device, self.group)
         if self.rank != 0:
             dist.send(self.weight.detach().contiguous(), dist.get_global_rank(self._group(), 0), group=self.group)
