@@ -175,7 +175,7 @@ def extension() -> Extension:
         cpp_sources + cuda_sources,
         include_dirs=include_dirs + nvidia_include_dirs(torch.version.cuda),
         define_macros=[("FASTMARGIN_WITH_CUDA", None)],
-        # For the binding file alone: nvcc would split a -D value at its commas.
+        # FASTMARGIN_CUDA_ARCHS: build_info() in the binding file reports it.
         extra_compile_args={"cxx": [*cxx_flags, f"-DFASTMARGIN_CUDA_ARCHS={json.dumps(','.join(targets))}"],
                             "nvcc": nvcc_flags(arch_flags)},
         extra_link_args=["-fopenmp"],
