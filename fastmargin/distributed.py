@@ -213,7 +213,8 @@ class PartialFC(torch.nn.Module):
         if self.operand_dtype is not None:
             # After sampling: only the kept rows are cast. Autograd casts the gradients back.
             x, weight = x.to(self.operand_dtype), weight.to(self.operand_dtype)
-        row_statistics = backends.implementation(backends.select(self.backend, embeddings.device))
+        # 'auto' picks for the dtype the fused call reads (half with operand_dtype) and this margin.
+        row_statistics = backends.implementation(backends.select(self.backend, x.device, x.dtype, self.margin.kind))
         stats = row_statistics(x, weight, local, self.margin, self.scale, self.sub_centers, self.chunk_size)
         lse, z_target, z_sum = stats if self.group is LOCAL else _CombineStatistics.apply(*stats, self.group)
         return loss_from_statistics(lse, z_target, z_sum, valid, num_classes, float(self.label_smoothing),
