@@ -69,6 +69,11 @@ def unavailable_reason(name: str, device: torch.device | None = None) -> str | N
         return "fastmargin._C was built before the CPU kernel existed: reinstall to rebuild it"
     if wanted == "cuda" and not torch.cuda.is_available():
         return "no CUDA device is visible to torch"
+    if wanted == "cuda" and device is not None:
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:  # tests/test_triton.py: the kernels are compiled and sized for sm_80 and newer
+            return (f"backend {name!r} needs a GPU of compute capability 8.0 or newer (its fp32 tiles take 80 KB "
+                    f"of shared memory a block); this one is {major}.{minor}")
     return None
 
 
@@ -81,23 +86,28 @@ _CHECK_MARGINS = {
 }
 
 
-def first_use_check(name: str, device: torch.device, dtype: torch.dtype, kind: int) -> str | None:
+def first_use_check(name: str, device: torch.device, dtype: torch.dtype, kind: int, sub_centers: int = 2,
+                    dim: int = 19) -> str | None:
     """None if backend `name` gives the reference's statistics and gradients on a small ragged problem
-    (B = 7, C = 37, D = 19, two sub-centers, an ignored row) in `dtype` on `device`, with a
-    margin of `kind`; else what went wrong. A few milliseconds.
+    (B = 7, C = 37, an ignored row) in `dtype` on `device`, with a margin of `kind`, the call's
+    sub-centers and its embedding size up to 256 (beyond it the GPU tiles are the same): so a
+    kernel whose tiles need more shared memory than this device has fails here too. Else what
+    went wrong. Milliseconds, plus the kernels' first compile.
 
     The bound is loose on purpose (1e-3 of the largest value, 3e-2 for half inputs): it is
     there to catch a kernel that is wrong on this GPU, not rounding (the tests bound that).
     """
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(7, 19, generator=generator).to(dtype)
-    w = torch.randn(74, 19, generator=generator).to(dtype)
+    dim = min(dim, 256)
+    x = torch.randn(7, dim, generator=generator).to(dtype)
+    w = torch.randn(37 * sub_centers, dim, generator=generator).to(dtype)
     labels = torch.randint(0, 37, (7,), generator=generator)
     labels[3] = -1
     results = []
     for backend, where, as_type in ((name, device, dtype), ("reference", torch.device("cpu"), torch.float64)):
         xv, wv = (t.to(where, as_type).detach().requires_grad_(True) for t in (x, w))  # the same rounded values
-        lse, z_target, z_sum = implementation(backend)(xv, wv, labels.to(where), _CHECK_MARGINS[kind], 16.0, 2)
+        lse, z_target, z_sum = implementation(backend)(xv, wv, labels.to(where), _CHECK_MARGINS[kind], 16.0,
+                                                       sub_centers)
         (lse - z_target + 0.01 * z_sum).sum().backward()
         results.append((lse, z_target, z_sum, xv.grad, wv.grad))
     tol = 3e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-3
@@ -110,10 +120,11 @@ def first_use_check(name: str, device: torch.device, dtype: torch.dtype, kind: i
 
 
 @functools.cache
-def _passes_first_use_check(name: str, device: torch.device, dtype: torch.dtype, kind: int) -> bool:
+def _passes_first_use_check(name: str, device: torch.device, dtype: torch.dtype, kind: int, sub_centers: int,
+                            dim: int) -> bool:
     """first_use_check, once per process and key; a failure warns, naming the backend."""
     try:
-        problem = first_use_check(name, device, dtype, kind)
+        problem = first_use_check(name, device, dtype, kind, sub_centers, dim)
     except Exception as error:  # noqa: BLE001  (e.g. a kernel that cannot launch on this device)
         problem = f"it raised {type(error).__name__}: {error}"
     if problem is not None:
@@ -127,10 +138,12 @@ def _passes_first_use_check(name: str, device: torch.device, dtype: torch.dtype,
 # torch.compile takes the pick as a constant instead of tracing the extension loading and
 # the first-use check (dynamo runs this eagerly while tracing).
 @torch.compiler.assume_constant_result
-def select(name: str, device: torch.device, dtype: torch.dtype = torch.float32, kind: int = margins.ARC) -> str:
+def select(name: str, device: torch.device, dtype: torch.dtype = torch.float32, kind: int = margins.ARC,
+           sub_centers: int = 1, dim: int = 512) -> str:
     """The backend that will compute on `device`: `name` itself, or the pick of 'auto' for
-    inputs of `dtype` and a margin of `kind` (fastmargin.margins' kinds). 'auto' skips a
-    backend not in VERIFIED whose first_use_check fails, with a warning naming it and why."""
+    inputs of `dtype`, a margin of `kind` (fastmargin.margins' kinds), `sub_centers` and
+    embedding size `dim`. 'auto' skips a backend not in VERIFIED whose first_use_check
+    fails, with a warning naming it and why."""
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}: choose one of {BACKENDS} or 'auto'")
     if name == "auto":
@@ -138,7 +151,8 @@ def select(name: str, device: torch.device, dtype: torch.dtype = torch.float32, 
         for candidate in AUTO_ORDER.get(device.type, ("reference",)):
             if unavailable_reason(candidate, device) is not None:
                 continue
-            if candidate in VERIFIED or not verify or _passes_first_use_check(candidate, device, dtype, kind):
+            if candidate in VERIFIED or not verify or _passes_first_use_check(candidate, device, dtype, kind,
+                                                                              sub_centers, min(dim, 256)):
                 return candidate
         return "reference"
     reason = unavailable_reason(name, device)

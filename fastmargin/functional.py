@@ -98,7 +98,7 @@ def margin_loss(
     tensors are checked here, as they change from call to call."""
     checks.check_inputs(embeddings, weight, labels, sub_centers, ignore_index)
     row_statistics = backends.implementation(
-        backends.select(backend, embeddings.device, embeddings.dtype, margin.kind))
+        backends.select(backend, embeddings.device, embeddings.dtype, margin.kind, sub_centers, embeddings.shape[1]))
     return backend_loss(
         row_statistics, embeddings, weight, labels, margin, scale, sub_centers,
         label_smoothing, ignore_index, reduction, chunk_size,

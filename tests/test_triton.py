@@ -171,8 +171,8 @@ report = {}
 kernels = ((margin_ce_fwd_kernel, False), (margin_ce_bwd_dx_kernel, True), (margin_ce_bwd_dw_kernel, True))
 for kernel, backward in kernels:
     cfg = launch.config(512, K, dtype, backward)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    meta = dict(KIND=kind, SPHERE_M=3, CLAMP_THETA=False, **launch.dtypes(x, x, acc, allow_tf32=True),
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    meta = dict(KIND=kind, SPHERE_M=3, CLAMP_THETA=False, **launch.dtypes(x, x, compute, allow_tf32=True),
                 **cfg.meta(with_output_block=backward))
     if backward:
         meta["DETACHED"] = False
