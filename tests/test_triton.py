@@ -203,7 +203,7 @@ for kernel, backward in kernels:
                                 ptx, "-o", os.devnull], capture_output=True, text=True).stderr
     ops = {op: sass.count(op) for op in ("HGMMA", "HMMA", "DMMA", "FFMA", "DFMA")}
     info = [line.split("info    : ")[-1] for line in ptxas.splitlines() if "registers" in line or "spill" in line]
-    report[kernel.fn.__name__] = {"ops": ops, "ptxas": info}
+    report[kernel.fn.__name__] = {"ops": ops, "ptxas": info, "shared": compiled.metadata.shared}
 print(json.dumps(report))
 """
 

@@ -129,3 +129,31 @@ def test_interpreted_dots_ignore_tf32():
     meta = launch.dtypes(x, x, torch.float32, allow_tf32=True)
     assert meta["PRECISION"] == ("ieee" if launch.INTERPRET else "tf32")
     assert lower(Margin(m2=0.5), 1.0, torch.float32, CPU).params.dtype == torch.float32
+
+
+# Opt-in shared memory a block, bytes, by architecture (CUDA's programming guide).
+SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 120: 101376}
+
+
+@pytest.mark.parametrize("dtype, K", [
+    (torch.float32, 1),
+    (torch.bfloat16, 3),
+    pytest.param(torch.float32, 128, marks=pytest.mark.slow),
+    pytest.param(torch.float64, 1, marks=pytest.mark.slow),
+    pytest.param(torch.float16, 64, marks=pytest.mark.slow),
+])
+def test_shared_memory_per_architecture(dtype, K):
+    """Each kernel's shared memory, from Triton's compiler for sm_90 (no GPU needed), fits
+    every architecture 'auto' offers the backend on (sm_80 and newer: backends.unavailable_reason
+    refuses older GPUs), except where printed: on the 99 KB parts (sm_86/89/120) an fp32
+    config with K > 64 needs more, and there auto's first-use check, which runs the call's
+    tiles, falls back to the next backend with Triton's reason."""
+    from test_triton import compile_for
+
+    report = compile_for(90, dtype, K)
+    for name, info in report.items():
+        over = [arch for arch, limit in SHARED_MEMORY_LIMIT.items() if info["shared"] > limit]
+        print(f"{name} {dtype} K={K}: {info['shared']} bytes; over the limit of sm_{over}")
+        assert info["shared"] <= SHARED_MEMORY_LIMIT[90], f"{name} needs {info['shared']} bytes on sm_90"
+        if K <= 64:
+            assert info["shared"] <= SHARED_MEMORY_LIMIT[80], f"{name} needs {info['shared']} bytes, sm_80 has less"
