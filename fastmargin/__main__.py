@@ -93,10 +93,11 @@ def _report_environment(device: torch.device) -> list[str]:
     usable = []
     for name in backends.BACKENDS:
         reason = backends.unavailable_reason(name, device)
-        print(f"  {name:10s} {'usable' if reason is None else 'unavailable: ' + reason}")
+        trust = "verified" if name in backends.VERIFIED else "checked against the reference at first use by 'auto'"
+        print(f"  {name:10s} {'usable (' + trust + ')' if reason is None else 'unavailable: ' + reason}")
         if reason is None:
             usable.append(name)
-    print(f"  auto picks: {backends.select('auto', device)}")
+    print(f"  auto picks: {backends.select('auto', device)} (fp32, ArcFace)")
     return usable
 
 

@@ -53,9 +53,12 @@ def margin_cross_entropy(
             Naming an unavailable backend raises BackendUnavailableError saying why.
         return_lse: also return lse (B,), each row's log-sum-exp of the logits (without a
             margin at ignored rows), not differentiable.
-        chunk_size: classes per block of a fused backend's walk over the classes (its
-            peak memory is O(B * chunk_size)); None takes the backend's default. The
-            reference materialises everything and ignores it.
+        chunk_size: how a fused backend walks the classes; None takes its default.
+            'cpu': classes per block (peak memory O(B * chunk_size * K), smaller is leaner).
+            'triton', 'cuda': the least classes one program walks (a class split); smaller
+            means more splits and more memory for the backward's (splits, B, D) partial dx,
+            so it is raised where the splits would pass the grid limit or the partials
+            256 MiB. The reference materialises everything and ignores it.
 
     Returns:
         The loss, float32 (float64 if an input is float64) whatever the input dtypes;
