@@ -157,3 +157,28 @@ def test_shared_memory_per_architecture(dtype, K):
         assert info["shared"] <= SHARED_MEMORY_LIMIT[90], f"{name} needs {info['shared']} bytes on sm_90"
         if K <= 64:
             assert info["shared"] <= SHARED_MEMORY_LIMIT[80], f"{name} needs {info['shared']} bytes, sm_80 has less"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(launch.INTERPRET or not torch.cuda.is_available(), reason="needs the compiled kernels on a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_forward_cosines_equal_with_the_backwards_tiles(dtype, monkeypatch):
+    """The backward recomputes the cosines in tiles of 64 classes where the forward uses 128
+    (kernels/launch.py config), so their tensor-core instructions differ in shape. At
+    SphereFace's scale S = s ||x|| ~ 1e8 one ulp of a cosine moves a logit by ~10, and the
+    backward's exp(z - lse) must see the forward's z: the forward run with the backward's
+    tiles must give the same target logits, bit for bit (lse and z_sum sum in another order
+    there). If this fails, make the tiles equal."""
+    from fastmargin import backend_triton
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(300, 512, device="cuda", generator=g) * 1e8 / 512**0.5).to(dtype)
+    w = torch.randn(5000, 512, device="cuda", generator=g).to(dtype)
+    y = torch.randint(0, 5000, (300,), device="cuda", generator=g)
+    margin = Margin(sphere_m=4)
+    forward_tiles = backend_triton.row_statistics(x, w, y, margin, 1.0)
+    config = launch.config
+    monkeypatch.setattr(launch, "config", lambda D, K, dtype, backward: config(D, K, dtype, True))
+    backward_tiles = backend_triton.row_statistics(x, w, y, margin, 1.0)
+    a, b = forward_tiles[1], backward_tiles[1]
+    assert torch.equal(a, b), f"z_target: the forward with the backward's tiles differs by {(a - b).abs().max()}"
