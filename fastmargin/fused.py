@@ -36,6 +36,9 @@ from .reference import compute_dtype
 OP_ARGS = "Tensor params, int[] flags, int sub_centers, int chunk, bool allow_tf32"
 
 
+# Dynamo cannot trace torch's settings getters: a compiled step reads the setting once, at
+# trace time, like any other Python constant it specialises on.
+@torch.compiler.assume_constant_result
 def tf32_allowed() -> bool:
     """Whether torch lets fp32 matmuls use tf32 on CUDA. torch's new API
     (torch.backends.cuda.matmul.fp32_precision, "none" deferring to torch.backends.fp32_precision)
