@@ -196,6 +196,8 @@ class PartialFC(torch.nn.Module):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """embeddings (B_r, D), labels (B_r,) of this rank -> the loss over every rank's rows."""
+        checks.check_types(embeddings, labels)
+        checks.check_embedding_size(type(self).__name__, self.embedding_size, embeddings)
         checks.check_inputs(embeddings, self.weight, labels, self.sub_centers, self.ignore_index,
                             num_classes=self.num_classes)
         if self.group is LOCAL:

@@ -19,6 +19,7 @@ import torch
 
 import fastmargin
 from fastmargin import BackendUnavailableError
+from fastmargin.distributed import LOCAL, PartialFC
 from helpers import assert_close, usable_backends
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
@@ -108,6 +109,8 @@ CASES = {
                                         ValueError),
     "module-cosface-margin": (lambda b, d: fastmargin.CosFaceLoss(10, 16, margin=3, backend=b), ValueError),
     "module-sphereface-margin": (lambda b, d: fastmargin.SphereFaceLoss(10, 16, margin=0, backend=b), ValueError),
+    "partialfc-dim-mismatch": (lambda b, d: PartialFC(10, 16, group=LOCAL, backend=b).to(d)(
+        torch.randn(4, 8, device=d), torch.tensor([0, 1, 2, 3], device=d)), ValueError),
     "get-outliers-dim-mismatch": (lambda b, d: fastmargin.SubCenterArcFaceLoss(10, 16, backend=b).to(d).get_outliers(
         torch.randn(4, 8, device=d), torch.tensor([0, 1, 2, 3], device=d)), ValueError),
     "module-distance-not-cosine": (lambda b, d: fastmargin.ArcFaceLoss(10, 16, distance=pml_distance("LpDistance")),
