@@ -62,9 +62,15 @@ enum class Kernel : int { kForward, kDx, kDw };
 // (block_b x block_n operands), the dcos tile, and op2, the second GEMM's other operand
 // (dx: W's block_n x block_do slice; dW: x's block_b x block_do slice). When the walk is
 // done a backward kernel stages its output tile over the whole buffer from offset 0;
-// dW's radial sums (block_n accumulators) sit past it.
+// dW's radial sums (block_n accumulators) sit past it, and so do, for fp16 operands, the
+// backward's operand scales (tiles.cuh, "fp16 GEMM operands"): 2 x 64 floats, one factor
+// per accumulator row (dx: rows of x, dW: weight rows) and dW's per-class operand scale.
+// The fp16 backward also borrows regions that are dead at that point of a tile (asserted
+// in the kernels): xs/ws hold the per-warp scratch that rescales accumulator rows (the cos
+// GEMM is done), and dW's op2 holds its fp32 operand before it is scaled (x's slice is
+// staged after).
 struct SmemLayout {
-  size_t xs, ws, s, w_inv, g, op2, radial, total;
+  size_t xs, ws, s, w_inv, g, op2, radial, scale, total;
 };
 
 constexpr size_t align128(size_t bytes) { return (bytes + 127) / 128 * 128; }
@@ -94,6 +100,11 @@ constexpr SmemLayout smem_layout(Operand op, Kernel kernel) {
     if (kernel == Kernel::kDw) {
       l.radial = at;
       at = align128(at + size_t(t.block_n) * a);
+    }
+    if (op == Operand::kFloat16) {
+      l.scale = at;
+      const size_t rows = t.block_b > t.block_n ? t.block_b : t.block_n;
+      at = align128(at + 2 * rows * sizeof(float));
     }
   }
   l.total = at;

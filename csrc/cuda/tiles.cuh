@@ -201,6 +201,33 @@ struct TileMma<Op, M, N, true> {
     }
   }
 
+  // Row m of the tile *= factor[m] (M floats in shared memory), exactly: powers of two.
+  // A WMMA accumulator fragment's element-to-(row, column) mapping is undocumented, so a
+  // warp stores each fragment to its 16 x 16 floats of scratch (256 a warp, 32-byte
+  // aligned), scales the rows there and loads it back, both documented exact copies; a
+  // fragment whose 16 rows all keep factor 1 is skipped (the usual case once the running
+  // exponents have settled). Ends with each warp's scratch free again.
+  __device__ void scale_rows(const float* factor, float* scratch) {
+    namespace wmma = nvcuda::wmma;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int m0 = (warp / kWarpsN) * kWarpM;
+    float* mine = scratch + warp * 256;
+#pragma unroll
+    for (int i = 0; i < kFragM; ++i) {
+      const int rows = m0 + 16 * i;
+      if (__all_sync(0xffffffffu, factor[rows + lane % 16] == 1.0f)) continue;
+#pragma unroll
+      for (int j = 0; j < kFragN; ++j) {
+        wmma::store_matrix_sync(mine, acc[i][j], 16, wmma::mem_row_major);
+        __syncwarp();
+        for (int t = lane; t < 256; t += 32) mine[t] *= factor[rows + t / 16];
+        __syncwarp();
+        wmma::load_matrix_sync(acc[i][j], mine, 16, wmma::mem_row_major);
+        __syncwarp();
+      }
+    }
+  }
+
   __device__ void store(float* out, int ldo) const {
     const int warp = threadIdx.x / 32;
     const int m0 = (warp / kWarpsN) * kWarpM, n0 = (warp % kWarpsN) * kWarpN;
@@ -281,6 +308,53 @@ struct Tile {
   static_assert(kRowThreads >= 1 && kRowThreads <= 32 && (kRowThreads & (kRowThreads - 1)) == 0,
                 "a row's threads must be a power of two within a warp");
 };
+
+// fp16 GEMM operands of the backward (DESIGN §4: never drop small softmax entries), the
+// twin of kernels/tiles.py scale_fp16_operand. The operand g = dcos / r_j (dx) or dcos / n_i
+// (dW) is about s p / (B ||x||) for a class that is no row's target, p ~ 1/C: 1e-8 and
+// below, under half fp16's smallest subnormal, so a plain cast flushes most of the
+// negative-class gradient. Each accumulator row (dx: a row of x, whose g row it sums; dW: a
+// weight row, whose g column it sums) therefore has a running exponent E, the maximum over
+// the tiles so far of floor(log2 max|g|) along it, and its g entries are scaled by
+// 2^(14 - E) before the cast: the largest lands in [2^14, 2^15), under fp16's 65504, and
+// entries down to 2^-28 of the row's running maximum keep fp16's full precision (below
+// that, subnormal: an absolute 2^-38 of it). When E grows the accumulator row is rescaled by
+// 2^(E_old - E) (TileMma::scale_rows), as an online softmax rescales its sum, and at the end
+// multiplied by 2^(E - 14): powers of two, exact in fp32, so the result differs from an
+// unscaled one only by the operand's fp16 rounding, now relative to the row instead of
+// absolute. Per row, as in Triton, rather than one running scale per tile (fragment.x[t] *=
+// r, legal without the fragment mapping): a tile's rows differ by the norms of x and the
+// softmax of their classes (a class that is no row's target sits 1/C and more below one
+// that is: 2^21 at C = 2^21, which a per-tile scale would leave 7 bits of headroom), and the
+// shared-memory round trip that per-row rescaling costs runs only on tiles where some
+// row's exponent grows. bf16 has fp32's exponent range and needs none of this; tf32, fp32
+// and fp64 neither.
+constexpr int kExpFloor = -100, kExpCeil = 100, kOperandExp = 14;
+
+// 1 / max(||v||, kNormEps) above this marks an all-zero row: a nonzero fp16 vector has a
+// norm of at least 2^-24. With fp16 operands the g of such a row (dW: an embedding) or class
+// (dx: a weight row) is set to 0: its other GEMM operand is that zero row, and its g, x 1e12,
+// would be inf in fp16 (inf * 0 = NaN on the tensor cores, in all of dW or dx), or with the
+// scaling set the row's exponent so high that the other entries flush.
+constexpr float kZeroRowInvNorm = static_cast<float>(0.5 / kNormEps);
+
+// 2^e as float for e in [-126, 127], exactly (the exponent field).
+__device__ __forceinline__ float pow2(int e) { return __int_as_float((e + 127) << 23); }
+
+// floor(log2 m) for m >= 0 finite and normal; -127 for 0 and subnormals, 128 for inf.
+__device__ __forceinline__ int exponent_of(float m) { return ((__float_as_int(m) >> 23) & 255) - 127; }
+
+// A row's step: its new running exponent from the old one and this tile's max|g| (`top`),
+// the factor that rescales its accumulator row, and the scale of its g entries.
+struct OperandScale {
+  int exponent;
+  float rescale, sigma;
+};
+
+__device__ __forceinline__ OperandScale operand_scale(int e_run, float top) {
+  const int e = min(max(e_run, exponent_of(top)), kExpCeil);
+  return {e, pow2(max(e_run - e, -126)), pow2(kOperandExp - e)};
+}
 
 __device__ __forceinline__ float fast_exp(float v) { return __expf(v); }  // ex2.approx, as Triton's tl.exp
 __device__ __forceinline__ double fast_exp(double v) { return exp(v); }
