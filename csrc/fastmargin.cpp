@@ -132,6 +132,9 @@ pybind11::dict plan_dict(const cu::LaunchPlan& p) {
   d["d_blocks"] = p.d_blocks;
   d["split_size"] = p.split_size;
   d["splits"] = p.splits;
+  d["max_splits"] = p.max_splits;
+  // The dx kernel's (splits, B, D) partial buffer, bounded by launch_plan.h's budget.
+  d["dx_partial_bytes"] = p.splits * p.B * p.D * static_cast<int64_t>(cu::acc_bytes(p.operand));
   d["fwd_grid"] = grid(p.fwd_grid);
   d["dx_grid"] = grid(p.dx_grid);
   d["dw_grid"] = grid(p.dw_grid);
@@ -139,11 +142,13 @@ pybind11::dict plan_dict(const cu::LaunchPlan& p) {
   d["fwd_smem"] = p.fwd_smem;
   d["dx_smem"] = p.dx_smem;
   d["dw_smem"] = p.dw_smem;
+  d["max_smem"] = p.max_smem;
   return d;
 }
 
 // The CUDA kernels' launch plan for a problem (csrc/cuda/launch_plan.h), in every build: the
-// host logic that sizes the GPU launches, testable without a GPU.
+// host logic that sizes the GPU launches, testable without a GPU. max_smem <= 0 takes the
+// opt-in shared memory of a device of that arch from launch_plan.h's table.
 pybind11::dict cuda_launch_plan(int64_t B, int64_t C, int64_t D, int64_t K, const std::string& x_dtype,
                                 const std::string& w_dtype, bool allow_tf32, int64_t arch, int64_t num_sms,
                                 int64_t chunk, int64_t max_smem) {
@@ -262,6 +267,11 @@ pybind11::dict build_info() {
   info["cuda"] = true;
   info["cuda_version"] =
       std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
+#ifdef FASTMARGIN_CUDA_ARCHS
+  // setup.py's targets, comma-separated: "sm_80,sm_90,compute_90" (machine code for sm_*,
+  // PTX for compute_*); tests/test_build.py reads the PTX ones.
+  info["cuda_archs"] = FASTMARGIN_CUDA_ARCHS;
+#endif
 #else
   info["cuda"] = false;
   info["cuda_version"] = pybind11::none();
@@ -299,7 +309,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "shared memory. Raises ValueError when the kernels cannot run the problem.",
         pybind11::arg("B"), pybind11::arg("C"), pybind11::arg("D"), pybind11::arg("K"), pybind11::arg("x_dtype"),
         pybind11::arg("w_dtype"), pybind11::arg("allow_tf32"), pybind11::arg("arch"), pybind11::arg("num_sms"),
-        pybind11::arg("chunk"), pybind11::arg("max_smem"));
+        pybind11::arg("chunk"), pybind11::arg("max_smem") = 0);
 #ifdef FASTMARGIN_WITH_CUDA
   m.def("cuda_forward", &cuda_forward,
         "The fused forward's per-split partials on a CUDA device: (row_max, row_sum_exp, z_sum, z_target), each "

@@ -121,6 +121,21 @@ inline const char* operand_name(Operand op) {
   }
 }
 
+// The opt-in shared memory a block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin) on a
+// compute capability (10 * major + minor), from the CUDA C++ Programming Guide's table of
+// technical specifications; 0 for one the table does not name. The binding passes the
+// device's own value; this is the host tests' view of the GPUs the build targets (sm_80 and
+// sm_90 machine code, sm_90 PTX for newer: setup.py) and of the consumer parts that run them.
+inline int64_t smem_optin_limit(int arch) {
+  switch (arch) {
+    case 75: return 65536;                          // Turing: 64 KB (the kernels need sm_80)
+    case 80: case 87: return 166912;                // A100, Orin: 163 KB
+    case 86: case 89: case 120: case 121: return 101376;  // GA10x, Ada, GB20x consumer: 99 KB
+    case 90: case 100: case 103: return 232448;     // H100/H200, B200/B300: 227 KB
+    default: return 0;
+  }
+}
+
 // The GEMM operand for inputs of dtypes x and w, as the Triton backend picks it
 // (kernels/launch.py dtypes): the inputs' dtype when they share one, else the compute
 // dtype (fp64 if either is, else fp32); fp32 on tensor cores (tf32) only where torch
@@ -142,17 +157,43 @@ struct LaunchPlan {
   int64_t d_blocks;     // output slices of D: ceil(D / block_do)
   int64_t split_size;   // classes per forward / dx program, a multiple of block_c
   int64_t splits;       // ceil(C / split_size): the forward's and dx's partial results
+  int64_t max_splits;   // the most splits the memory budget allows (max_splits_for_memory)
   int64_t fwd_grid[3], dx_grid[3], dw_grid[3];
   int64_t fwd_smem, dx_smem, dw_smem;  // dynamic shared memory, bytes
+  int64_t max_smem;                    // the limit they were checked against
 };
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The memory budget of the class splits. The dx kernel writes one partial dx̂ per split, a
+// (splits, B, D) buffer of accumulators (acc_bytes each) that fastmargin/gpu_host.py sums
+// and frees; the forward's (splits, B) buffers are D times smaller. Unbounded, a small chunk
+// makes it huge (chunk 64 at B = 8192, C = 2^21, D = 512: 32768 splits, 550 GB). Bounded, as
+// kernels/launch.py split_size bounds the Triton kernels' (PARTIAL_BUDGET_BYTES), by
+//
+//     splits <= max(1, kSplitBudgetBytes / (B * D * acc_bytes))
+//
+// so the buffer stays within 256 MiB unless one split alone is larger (then it is (B, D),
+// the size of dx itself). 256 MiB is under 2% of a 16 GB device, and binds only where splits
+// no longer matter for speed: the default rule asks for ceil(2 num_sms / row_blocks) splits,
+// about 2 num_sms block_b D acc_bytes bytes in all (35 MB on an H100 at D = 512); the budget
+// can cut it only at D in the thousands (past D ~ 2000 in the worst rounding), where the dx
+// grid's row blocks times D slices fill the device by themselves.
+constexpr int64_t kSplitBudgetBytes = int64_t(256) << 20;
+
+inline int64_t max_splits_for_memory(int64_t B, int64_t D, int64_t acc_bytes) {
+  return std::max<int64_t>(1, kSplitBudgetBytes / (B * D * acc_bytes));
+}
+
 // The launches for x (B, D), w (C*K, D). arch: the device's compute capability as 10 *
-// major + minor; num_sms its multiprocessors; max_smem its opt-in shared memory per block.
-// chunk: classes per program, or <= 0 for enough class splits that the forward fills the
-// device twice (kernels/launch.py split_size). Throws std::invalid_argument (ValueError in
-// Python) with the reason when the kernels cannot run the problem.
+// major + minor; num_sms its multiprocessors; max_smem its opt-in shared memory per block
+// (<= 0: smem_optin_limit(arch)). chunk: a lower bound on the classes per split (forward
+// and dx block), or <= 0 for enough class splits that the forward fills the device twice
+// (kernels/launch.py split_size); either way raised to whole tiles, and raised further
+// where more splits would pass CUDA's grid limit (65535) or the memory budget of the
+// partial buffers (max_splits_for_memory): the result is the same, only the order of the
+// per-split sums changes. Throws std::invalid_argument (ValueError in Python) with the
+// reason when the kernels cannot run the problem.
 inline LaunchPlan make_launch_plan(int64_t B, int64_t C, int64_t D, int64_t K, DType x, DType w, bool allow_tf32,
                                    int arch, int64_t num_sms, int64_t chunk, int64_t max_smem) {
   auto fail = [](const std::string& why) { throw std::invalid_argument("fastmargin cuda: " + why); };
@@ -187,9 +228,11 @@ inline LaunchPlan make_launch_plan(int64_t B, int64_t C, int64_t D, int64_t K, D
     const int64_t splits = std::max<int64_t>(1, std::min(p.class_tiles, cdiv(2 * num_sms, p.row_blocks)));
     split = cdiv(C, splits);
   }
-  // Whole tiles, and at most 65535 splits (a grid dimension): a tiny chunk on a huge C is
-  // raised to C / 65535 classes rather than refused, the result is the same.
-  split = std::max(cdiv(split, p.block_c), cdiv(p.class_tiles, kMaxGridYZ)) * p.block_c;
+  // Whole tiles, at most 65535 splits (a grid dimension) and at most max_splits (memory): a
+  // tiny chunk on a huge C is raised rather than refused. With t tiles a split, the splits
+  // are ceil(class_tiles / t), within both bounds when t >= ceil(class_tiles / bound).
+  p.max_splits = std::min(kMaxGridYZ, max_splits_for_memory(B, D, static_cast<int64_t>(acc_bytes(p.operand))));
+  split = std::max(cdiv(split, p.block_c), cdiv(p.class_tiles, p.max_splits)) * p.block_c;
   p.split_size = split;
   p.splits = cdiv(C, split);
   const int64_t fwd[3] = {p.row_blocks, p.splits, 1};
@@ -201,10 +244,15 @@ inline LaunchPlan make_launch_plan(int64_t B, int64_t C, int64_t D, int64_t K, D
   p.fwd_smem = static_cast<int64_t>(smem_layout(p.operand, Kernel::kForward).total);
   p.dx_smem = static_cast<int64_t>(smem_layout(p.operand, Kernel::kDx).total);
   p.dw_smem = static_cast<int64_t>(smem_layout(p.operand, Kernel::kDw).total);
+  p.max_smem = max_smem = max_smem > 0 ? max_smem : smem_optin_limit(arch);
+  if (max_smem <= 0) {
+    fail("no shared-memory limit given and sm_" + std::to_string(arch) + " is not in smem_optin_limit's table");
+  }
   const int64_t most = std::max({p.fwd_smem, p.dx_smem, p.dw_smem});
   if (most > max_smem) {
     fail(std::string(operand_name(p.operand)) + " tiles need " + std::to_string(most) +
-         " bytes of shared memory a block, the device allows " + std::to_string(max_smem));
+         " bytes of shared memory a block, the device (sm_" + std::to_string(arch) + ") allows " +
+         std::to_string(max_smem));
   }
   return p;
 }
