@@ -32,6 +32,9 @@ DTYPE_NAMES = ["float16", "bfloat16", "float32", "float64"]
 MiB = 1 << 20
 
 
+REBUILD = "rebuild it: pip install --no-build-isolation -e ."
+
+
 def extension():
     ext = _extension.module()
     if ext is None:
@@ -39,9 +42,19 @@ def extension():
     return ext
 
 
+def plan_of(**kwargs):
+    """cuda_launch_plan(**kwargs), from an extension built with the split budget and the
+    shared-memory table (an older build gets max_smem=0 wrong: say so instead)."""
+    ext = extension()
+    probe = ext.cuda_launch_plan(B=1, C=1, D=1, K=1, x_dtype="float32", w_dtype="float32", allow_tf32=False,
+                                 arch=90, num_sms=1, chunk=0, max_smem=232448)
+    assert "max_splits" in probe, f"fastmargin._C was built from sources older than the split budget: {REBUILD}"
+    return ext.cuda_launch_plan(**kwargs)
+
+
 def plan(B=37, C=1001, D=67, K=1, x="float16", w=None, tf32=False, chunk=0, arch=90, num_sms=132, max_smem=0):
-    return extension().cuda_launch_plan(B=B, C=C, D=D, K=K, x_dtype=x, w_dtype=w or x, allow_tf32=tf32, arch=arch,
-                                        num_sms=num_sms, chunk=chunk, max_smem=max_smem)
+    return plan_of(B=B, C=C, D=D, K=K, x_dtype=x, w_dtype=w or x, allow_tf32=tf32, arch=arch, num_sms=num_sms,
+                   chunk=chunk, max_smem=max_smem)
 
 
 # ---------------------------------------------------------------- the class splits' memory budget
@@ -183,7 +196,7 @@ def test_build_reports_its_architectures():
     if not info.get("cuda"):
         pytest.skip("fastmargin._C was built without the CUDA kernels")
     archs = info.get("cuda_archs")
-    assert isinstance(archs, str) and archs, f"build_info()['cuda_archs'] = {archs!r}"
+    assert isinstance(archs, str) and archs, f"build_info()['cuda_archs'] = {archs!r}: {REBUILD}"
     targets = archs.split(",")
     assert all(re.fullmatch(r"(sm|compute)_\d+[af]?", t) for t in targets), targets
     sm = {t for t in targets if t.startswith("sm_")}
