@@ -2,9 +2,10 @@
 as custom ops fastmargin::cuda_fwd / fastmargin::cuda_bwd (fastmargin.gpu_host).
 
 Peak extra memory is O(B + C*K) for the norms plus the backward's (splits, B, D) partial
-dx, as the Triton backend's; never B x C. chunk_size is the classes one block walks (a
-multiple of the tile's classes); the default splits the classes so that there are two
-waves of blocks (csrc/cuda/launch_plan.h).
+dx, as the Triton backend's; never B x C. chunk_size is the least number of classes one
+block walks (a class split, in whole tiles); the default splits the classes for two waves
+of blocks; either way the splits stay within the grid limit and 256 MiB of partials
+(csrc/cuda/launch_plan.h, the same rule as kernels/launch.py's).
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 as custom ops fastmargin::triton_fwd / fastmargin::triton_bwd (fastmargin.gpu_host).
 
 Peak extra memory is O(B + C*K) for the norms plus the backward's (splits, B, D) partial
-dx; never B x C. chunk_size is the classes one program walks (a multiple of the tile's
-classes); the default splits the classes so that there are two waves of programs. Under
-TRITON_INTERPRET=1 the kernels run on CPU tensors (how CI tests them).
+dx; never B x C. chunk_size is the least number of classes one program walks (a class
+split, in whole tiles); the default splits the classes for two waves of programs; either
+way the splits stay within the grid limit and 256 MiB of partials (kernels/launch.py
+split_size). Under TRITON_INTERPRET=1 the kernels run on CPU tensors (how CI tests them).
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ def dtypes(x: torch.Tensor, w: torch.Tensor, acc: torch.dtype, allow_tf32: bool)
 MAX_GRID_YZ = 65535
 # The backward's per-split dx̂ partials, (splits, B, D) in the compute dtype, may take this
 # much memory at most: more splits than fit are merged into fewer, whatever chunk_size asks
-# (a chunk of 64 classes at B = 8192, C = 2M, D = 512 would otherwise need 532 GB). 256 MiB
+# (a chunk of 64 classes at B = 8192, C = 2M, D = 512 would otherwise need 524 GB). 256 MiB
 # is 2 splits at B = 32768, D = 512 in fp64, and splits beyond a few waves buy nothing.
 PARTIAL_BUDGET_BYTES = 256 << 20
 
