@@ -26,8 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastmargin
-from helpers import assert_close, usable_backends
-from test_cpu import assert_rel
+from helpers import assert_close, assert_rel, usable_backends
 
 CPU_BACKENDS = [name for name, device in usable_backends() if device.type == "cpu"]
 

@@ -26,8 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import usable_backends
-from test_cpu import assert_rel, geometric_inputs, run, upstream_weights
+from helpers import assert_rel, geometric_inputs, run, upstream_weights, usable_backends
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL = [pytest.param(name, device, id=name) for name, device in usable_backends()]

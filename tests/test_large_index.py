@@ -11,7 +11,8 @@ from those rows alone; each row's loss, lse and dx depend on that row and W only
   row's softmax, which the reference gets from one zero row of multiplicity N, see below).
 - Triton: kernels/tiles.py's class_rows, the int64 weight-row index every kernel uses, on
   class indices whose row index is past 2^31 (a unit test, under the interpreter too).
-- GPU (marked gpu and slow): both shapes on every fused backend that runs on CUDA tensors.
+- GPU (marked gpu and slow): both shapes, both at once, and the last classes' statistics
+  and dW of a W past 2^31 elements, on every fused backend that runs on CUDA tensors.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import torch
 import fastmargin
 from fastmargin import backends, reference
 from fastmargin.margins import Margin
-from helpers import assert_close, usable_backends
-from test_cpu import assert_rel
+from helpers import (
+    assert_close, assert_rel, gpu_backend_params, reference_bound, rounding_floors, usable_backends,
+)
 
 BIG = 2**31
 NO_CPU = backends.unavailable_reason("cpu", torch.device("cpu"))
@@ -59,16 +61,18 @@ def check_rows_times_classes(backend, device, tol):
                                                     reduction="none")
     want.sum().backward()
     # STYLE's bound: 4 x the error of the reference in fp32 (at D = 2 many cosines are near
-    # +-1, where ArcFace's psi' is large), plus tol.
+    # +-1, where ArcFace's psi' is large), plus the rounding floor of that conditioning
+    # (helpers.rounding_floors, so that the bound holds whatever BLAS the reference ran on),
+    # plus tol.
     x32, w32 = x[rows].cpu().requires_grad_(True), w.cpu().requires_grad_(True)
     same, same_lse = reference.reference_loss(x32, w32, y[rows].cpu(), Margin(m2=0.5), 64.0,
                                                     label_smoothing=0.1, reduction="none")
     same.sum().backward()
+    floors = rounding_floors(x[rows], w, y[rows], dict(m2=0.5, label_smoothing=0.1, reduction="none"),
+                             torch.ones(len(rows)), dtype=torch.float32)
     for label, a, b, c in (("loss", loss[rows], same, want), ("lse", lse[rows], same_lse, want_lse),
                            ("dx", dx[rows], x32.grad, xr.grad), ("dW", dw, w32.grad, wr.grad)):
-        c = c.detach()
-        ref_err = ((b.detach().double() - c).abs().max() / c.abs().max()).item()
-        assert_rel(a.cpu(), c, 4 * ref_err + tol, f"{backend} B*C > 2^31: {label} of rows {rows.tolist()}")
+        reference_bound(a, b, c, 4, floors[label], f"{backend} B*C > 2^31: {label} of rows {rows.tolist()}", tol=tol)
     others = torch.ones(B, dtype=torch.bool, device=device)
     others[rows] = False
     assert_close(dx[others].abs().max(), 0.0, atol=0.0, what=f"{backend}: dx of rows with no upstream gradient")
@@ -160,17 +164,56 @@ def test_triton_class_rows_are_int64_past_2_31(K):
     assert out.cpu()[want_valid].min() > BIG - K
 
 
-GPU_FUSED = [pytest.param(name, id=name) for name in fastmargin.BACKENDS if name != "reference"]
+def check_statistics_past_2_31(backend):
+    """B*C and C*D past 2^31 elements at once (int64 offsets in every kernel): B = 4100 rows
+    against C = 2^19 + 3 classes of D = 4096 (W: 2.1e9 bf16 elements); the statistics of
+    every 997th row against the reference, their targets among the last classes, where
+    32-bit offsets would wrap."""
+    B, C, D = 4100, (1 << 19) + 3, 4096
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(B, D, device="cuda", generator=g).to(torch.bfloat16)
+    w = torch.randn(C, D, device="cuda", generator=g).to(torch.bfloat16)
+    assert B * C > BIG and C * D > BIG
+    y = torch.arange(B, device="cuda") + C - B  # targets among the last classes
+    lse, z_target, z_sum = backends.implementation(backend)(x, w, y, Margin(m2=0.5), 64.0)
+    rows = torch.arange(0, B, 997, device="cuda")
+    want = reference.row_statistics(x[rows].double(), w.double(), y[rows], Margin(m2=0.5), 64.0)
+    for label, a, b in zip(("lse", "z_target", "z_sum"), (lse[rows], z_target[rows], z_sum[rows]), want):
+        assert_rel(a, b, 1e-3, f"{backend} B*C, C*D > 2^31: {label}")
 
 
-@pytest.mark.gpu
+def check_last_classes(backend):
+    """C*D past 2^31 elements (W: 2^31 + 5 * 1024 bf16 elements): the statistics and the dW
+    rows of the last classes, at the end of W where 32-bit offsets would wrap, against the
+    reference on those classes (in fp32: W in fp64 would take 17 GB)."""
+    B, C, D = 64, (1 << 21) + 5, 1024
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(B, D, device="cuda", generator=g).to(torch.bfloat16)
+    w = torch.randn(C, D, device="cuda", generator=g).to(torch.bfloat16)
+    assert C * D > BIG
+    y = torch.arange(B, device="cuda") + C - B  # targets among the last classes
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    lse, z_target, z_sum = backends.implementation(backend)(x, w, y, Margin(m2=0.5), 64.0)
+    (lse - z_target).sum().backward()
+    w_head = w.detach()[: C - B].float()
+    w_tail = w.detach()[C - B:].float().requires_grad_(True)
+    want = reference.row_statistics(x.detach().float(), torch.cat([w_head, w_tail]), y, Margin(m2=0.5), 64.0)
+    for label, a, b in zip(("lse", "z_target", "z_sum"), (lse, z_target, z_sum), want):
+        assert_rel(a.detach(), b, 1e-3, f"{backend} C*D > 2^31: {label}")
+    (want[0] - want[1]).sum().backward()  # dW of the last classes, the end of W
+    assert_rel(w.grad[C - B:].float(), w_tail.grad, 2e-2, f"{backend} C*D > 2^31: dW of the last classes")
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("backend", GPU_FUSED)
+@pytest.mark.parametrize("backend", gpu_backend_params())
 def test_gpu_past_2_31(backend):
+    """Every fused backend compiled for the GPU (marked gpu; each skips, saying why, where it
+    does not run on CUDA tensors): B*C past 2^31 (sampled rows), C*K*D past 2^31 (a W zero
+    but for rows at both ends), both at once (B = 4100, C = 2^19 + 3, D = 4096), and the
+    statistics and dW of the last classes of a W of 2^31 + bf16 elements."""
     device = torch.device("cuda")
-    reason = backends.unavailable_reason(backend, device)
-    if reason is not None:
-        pytest.skip(reason)
     check_rows_times_classes(backend, device, 1e-3)  # tf32 dots
     check_weight_elements(backend, device, 1e-2, C=(1 << 20) + 1, K=2, D=1024)
+    check_statistics_past_2_31(backend)
+    check_last_classes(backend)

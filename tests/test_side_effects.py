@@ -26,8 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastmargin
 from fastmargin import backends
 from fastmargin.margins import Margin
-from helpers import assert_close, op_options, usable_backends
-from test_cpu import geometric_inputs
+from helpers import assert_close, geometric_inputs, op_options, usable_backends
 
 ALL = [pytest.param(name, device, id=name) for name, device in usable_backends()]
 SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique",
