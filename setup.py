@@ -1,4 +1,4 @@
-"""Builds fastmargin._C (DESIGN §4): the CPU kernels always, the CUDA kernels when a CUDA
+"""Builds fastmargin._C (docs/design.md §5): the CPU kernels always, the CUDA kernels when a CUDA
 toolkit and a CUDA build of torch are both here. It compiles against the torch already
 installed, so install without build isolation:
 
@@ -138,7 +138,7 @@ def cuda_arch_flags(arch_list: str) -> tuple[list[str], list[str]]:
 def nvcc_flags(arch_flags: Sequence[str]) -> list[str]:
     # No FMA contraction (-fmad=false): each intended FMA is an explicit fma() or a
     # tensor-core op, and ptxas must not contract the margin psi one way in the forward
-    # and another in the backward (nor z = S cos, DESIGN §1).
+    # and another in the backward (nor z = S cos, docs/design.md §1).
     return ["-O3", "-fmad=false", *arch_flags]
 
 

@@ -1,5 +1,5 @@
 // fastmargin._C: the one binding file, the only source that includes torch/extension.h
-// (STYLE "What we take"): it unpacks the ops' arguments and calls the kernels. The ops'
+// (docs/design.md §5): it unpacks the ops' arguments and calls the kernels. The ops'
 // inputs are checked once, by fastmargin/fused.py, before any backend runs; the compute
 // dtype is the lowered margin's (params). CUDA kernels take plain pointers
 // (csrc/cuda/margin_ce.h) and return per-split partial results to fastmargin/gpu_host.py,

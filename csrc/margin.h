@@ -1,4 +1,4 @@
-// The margin math of DESIGN §1-2, once for C++ and CUDA: psi (the target transform) and psi'.
+// The margin math of docs/design.md §1 and §3, once for C++ and CUDA: psi (the target transform) and psi'.
 // fastmargin/margins.py (PyTorch) and kernels/margin.py (Triton) compute the same expressions
 // with the same branches; tests/test_margin_math.py holds the three to each other. Plain C++,
 // no torch headers: the CUDA kernel files include it too.
@@ -102,7 +102,7 @@ FM_HD T psi(T cos, const MarginParams<T>& p, const MarginFlags& f) {
   return (c < p[kCosThetaLimit] ? beyond : inside) - p[kM3];
 }
 
-// psi'(cos) in closed form (DESIGN §2; fastmargin.margins.psi_grad).
+// psi'(cos) in closed form (docs/design.md §3; fastmargin.margins.psi_grad).
 template <typename T>
 FM_HD T psi_grad(T cos, const MarginParams<T>& p, const MarginFlags& f) {
   if (f.detached || f.kind == kAdditive) return T(1);

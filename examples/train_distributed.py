@@ -7,7 +7,7 @@ Synthetic identities stand in for faces: identity c is a fixed random point in a
 space and its samples are that point plus noise. Each rank draws its own batches, so a row's
 target may live on any rank's shard of W. The backbone (a small MLP) is replicated under
 DistributedDataParallel; fastmargin.distributed.PartialFC holds this rank's classes of W
-(DESIGN §5). One SGD optimizer updates both: the backbone's replicated parameters and the
+(docs/design.md §6). One SGD optimizer updates both: the backbone's replicated parameters and the
 shard, which no other rank has.
 
 At the end every rank saves its shard (DIR/partial_fc_rank<r>.pt); rank 0 saves the

@@ -3,7 +3,7 @@
 Every backend computes the logits' row statistics with the contract of
 fastmargin.reference.row_statistics: (embeddings, weight, labels, margin, scale,
 sub_centers, chunk_size) -> (lse, z_target, z_sum); fastmargin.loss makes the loss. A fused
-backend is a torch.library custom op (DESIGN §4, fastmargin.fused).
+backend is a torch.library custom op (docs/design.md §2, fastmargin.fused).
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def select(name: str, device: torch.device, dtype: torch.dtype = torch.float32, 
         usable = [b for b in BACKENDS if unavailable_reason(b, device) is None]
         raise BackendUnavailableError(
             f"backend {name!r} is unavailable: {reason}. "
-            f"Usable here: {usable}; backend='auto' picks the fastest of them. "
+            f"Usable here: {usable}; backend='auto' picks the first of them in its order (AUTO_ORDER). "
             "`python -m fastmargin` reports what is built."
         )
     return name

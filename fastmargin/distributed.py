@@ -1,4 +1,4 @@
-"""Class-parallel margin loss on torch.distributed (DESIGN §5): insightface's PartialFC.
+"""Class-parallel margin loss on torch.distributed (docs/design.md §6): insightface's PartialFC.
 
 Each rank holds the weight rows of its own range of classes. A step all-gathers the
 embeddings and labels of every rank, computes the logits' row statistics of its shard with
@@ -84,7 +84,7 @@ class _GatherEmbeddings(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         # Rank r needs only its own rows of the gradient summed over ranks: a reduce-scatter,
-        # half an all-reduce's traffic (DESIGN §5). Parts are padded to the largest batch.
+        # half an all-reduce's traffic (docs/design.md §6). Parts are padded to the largest batch.
         rows = max(ctx.sizes)
         parts = [grad.new_zeros(rows, *grad.shape[1:]) for _ in ctx.sizes]
         for part, piece in zip(parts, grad.split(ctx.sizes)):
@@ -138,7 +138,7 @@ def sample_classes(labels: torch.Tensor, num_local: int, sample_rate: float,
 
 
 class PartialFC(torch.nn.Module):
-    """The margin loss with this rank's shard of the classifier (DESIGN §5).
+    """The margin loss with this rank's shard of the classifier (docs/design.md §5).
 
     Rank r holds classes [class_start, class_end) (fastmargin.distributed.class_range): its
     `weight` is ((class_end - class_start) * sub_centers, embedding_size), the F.linear
@@ -155,7 +155,7 @@ class PartialFC(torch.nn.Module):
     group: the process group (None: the default one, which must be initialised), or LOCAL
     for a single process without torch.distributed. operand_dtype: None reads the gathered
     embeddings and the shard in their own dtypes; torch.float16 (or bfloat16) casts both
-    for the fused call, whose GEMM then reads half precision and accumulates in fp32 (DESIGN
+    for the fused call, whose GEMM then reads half precision and accumulates in fp32 (docs/design.md
     §1): insightface's fp16 autocast. The loss stays fp32; autograd casts the gradients back
     to the dtypes of the embeddings and the weight.
     """
@@ -216,7 +216,8 @@ class PartialFC(torch.nn.Module):
             # After sampling: only the kept rows are cast. Autograd casts the gradients back.
             x, weight = x.to(self.operand_dtype), weight.to(self.operand_dtype)
         # 'auto' picks for the dtype the fused call reads (half with operand_dtype) and this margin.
-        row_statistics = backends.implementation(backends.select(self.backend, x.device, x.dtype, self.margin.kind))
+        row_statistics = backends.implementation(
+            backends.select(self.backend, x.device, x.dtype, self.margin.kind, self.sub_centers, x.shape[1]))
         stats = row_statistics(x, weight, local, self.margin, self.scale, self.sub_centers, self.chunk_size)
         lse, z_target, z_sum = stats if self.group is LOCAL else _CombineStatistics.apply(*stats, self.group)
         return loss_from_statistics(lse, z_target, z_sum, valid, num_classes, float(self.label_smoothing),

@@ -30,7 +30,7 @@ def margin_cross_entropy(
     return_lse: bool = False,
     chunk_size: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Margin softmax cross-entropy of embeddings against class weights (DESIGN §1).
+    """Margin softmax cross-entropy of embeddings against class weights (docs/design.md §1).
 
     Args:
         embeddings: (B, D) float16/bfloat16/float32/float64, unnormalised.
@@ -49,10 +49,11 @@ def margin_cross_entropy(
         ignore_index: label of rows that contribute nothing.
         reduction: 'mean' over the rows not ignored (0, with zero gradients, when all are
             ignored or B = 0), 'sum', or 'none' ((B,), 0 at ignored rows).
-        backend: 'auto' (the fastest usable here), 'reference', 'cpu', 'triton', 'cuda'.
+        backend: 'auto' (the first usable here in backends.AUTO_ORDER, a GPU backend checked
+            against the reference at first use), 'reference', 'cpu', 'triton', 'cuda'.
             Naming an unavailable backend raises BackendUnavailableError saying why.
         return_lse: also return lse (B,), each row's log-sum-exp of the logits (without a
-            margin at ignored rows), not differentiable.
+            margin at ignored rows), differentiable as the loss is.
         chunk_size: how a fused backend walks the classes; None takes its default.
             'cpu': classes per block (peak memory O(B * chunk_size * K), smaller is leaner).
             'triton', 'cuda': the least classes one program walks (a class split); smaller

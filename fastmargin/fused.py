@@ -1,4 +1,4 @@
-"""A fused backend as torch.library custom ops (DESIGN §2), written once for every backend.
+"""A fused backend as torch.library custom ops (docs/design.md §2), written once for every backend.
 
 A backend computes the logits' row statistics (fastmargin.reference.row_statistics has
 the contract): lse = log Σ_j exp z_ij, z_target = z_iy (0 where the label is outside
@@ -16,7 +16,7 @@ kernels compute in params' dtype), chunk the backend's class block or split (its
 rounded to tf32 on a GPU (torch's setting; CPU kernels and the Triton interpreter compute
 exact fp32 whatever it says), read once in forward and carried to backward, so that
 backward recomputes the cosines the forward's lse saw. The backward recomputes the logits and uses
-dz_ij = g_lse_i p_ij + g_target_i [j = y_i] + g_sum_i (DESIGN §3), and returns each
+dz_ij = g_lse_i p_ij + g_target_i [j = y_i] + g_sum_i (docs/design.md §3), and returns each
 gradient torch.empty_like its input (a dense input's strides: PML's W.t() gets a gradient
 whose .t() is contiguous). register() makes them the custom ops fastmargin::<backend>_fwd /
 _bwd, with the op-level input checks (check_op_inputs, the only ones: kernels trust them),

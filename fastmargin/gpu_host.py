@@ -1,4 +1,4 @@
-"""The host side that the two GPU backends share (DESIGN §3-4): the norms their kernels read,
+"""The host side that the two GPU backends share (docs/design.md §2-4): the norms their kernels read,
 the fixed-order merge of the forward's class splits, and the finish of dx.
 
 Both the Triton kernels (kernels/) and the CUDA kernels (csrc/cuda/) walk the classes in

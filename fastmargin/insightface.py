@@ -15,7 +15,7 @@ The margin losses (CombinedMarginLoss, ArcFace, CosFace) take insightface's argu
 play both of insightface's parts: called on cosine logits and labels they return the
 margined, scaled logits (insightface's formulas in plain PyTorch, for code that calls them
 directly), and handed to PartialFC_V2 they are only read, as a fastmargin Margin and a scale
-that the fused kernel applies without ever forming the (B, C) logits (DESIGN §1).
+that the fused kernel applies without ever forming the (B, C) logits (docs/design.md §1).
 
 PartialFC_V2 is fastmargin.distributed.PartialFC with insightface's constructor, weight
 (name, (num_local, embedding_size) layout, N(0, 0.01) initialisation, class split) and
@@ -50,7 +50,7 @@ class _MarginSoftmax(torch.nn.Module):
 
     Called on logits, psi is insightface's formula everywhere, also past theta* =
     (pi - m2) / m1, where cos(m1*theta + m2) rises again; the fused kernels continue with
-    fastmargin's monotonic line there instead (DESIGN §1). Target angles that large (cos <
+    fastmargin's monotonic line there instead (docs/design.md §1). Target angles that large (cos <
     -0.88 for ArcFace's m2 = 0.5) do not occur in training.
     """
 
@@ -100,7 +100,7 @@ class _MarginSoftmax(torch.nn.Module):
                 psi = torch.cos(m.m1 * torch.acos(c) + m.m2) - m.m3
             return psi + (c - c.detach())
         # The exact gradient: c is clamped to +-(1 - 1e-7) first (straight-through), as
-        # fastmargin's kernels do (DESIGN §1), so that acos' stays finite at |c| = 1.
+        # fastmargin's kernels do (docs/design.md §1), so that acos' stays finite at |c| = 1.
         c = c + (c.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS) - c).detach()
         return torch.cos(m.m1 * torch.acos(c) + m.m2) - m.m3
 
@@ -197,7 +197,7 @@ class _ScaleGradient(torch.autograd.Function):
 
 class PartialFC_V2(PartialFC):  # noqa: N801 - insightface's name
     """insightface's PartialFC_V2(margin_loss, embedding_size, num_classes, sample_rate=1.0,
-    fp16=False) on fastmargin.distributed.PartialFC (DESIGN §6).
+    fp16=False) on fastmargin.distributed.PartialFC (docs/design.md §6).
 
     margin_loss: CombinedMarginLoss, ArcFace or CosFace (this module's or insightface's):
         read once, here, as a Margin and a scale (fused_margin); kept as `margin_softmax`.

@@ -1,7 +1,7 @@
 """From the logits' row statistics to the loss: label smoothing, ignore_index, reductions.
 
 Every backend computes, per row, lse = log Σ_j exp z_ij, z_target = z_iy and z_sum = Σ_j z_ij
-(fastmargin.fused). The loss of DESIGN §1 needs nothing else:
+(fastmargin.fused). The loss of docs/design.md §2 needs nothing else:
 
     (1 - eps) (lse - z_target) + eps (lse - z_sum / C)
 
@@ -57,7 +57,7 @@ def backend_loss(
     reduction: str = "mean",
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, lse) of DESIGN §1 from a backend's row_statistics, inputs assumed valid.
+    """(loss, lse) of docs/design.md §2 from a backend's row_statistics, inputs assumed valid.
 
     embeddings (B, D), weight (C*K, D) any strides, labels (B,) integer. Ignored rows are
     passed to the backend with label -1 (no target, no margin) and masked out of the loss.

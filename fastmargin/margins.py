@@ -1,6 +1,6 @@
 """The margin specification and its math in PyTorch: psi (the target transform) and psi'.
 
-One `Margin` describes every loss of DESIGN §1:
+One `Margin` describes every loss of docs/design.md §1:
 
     ArcFace      Margin(m2=m)             psi = cos(theta + m)
     CosFace      Margin(m3=m)             psi = cos - m
@@ -9,7 +9,7 @@ One `Margin` describes every loss of DESIGN §1:
                  Margin(sphere_m=m, sphere_lambda=lam)   psi = (lam*cos + psi) / (1 + lam)
 
 `psi` is differentiable with autograd and is what the reference uses; `psi_grad` is the
-closed form of DESIGN §2 that fused kernels evaluate, tested against autograd of `psi`.
+closed form of docs/design.md §3 that fused kernels evaluate, tested against autograd of `psi`.
 The C++/CUDA twin of this file is csrc/margin.h, the Triton twin kernels/margin.py: the
 three compute the same expressions with the same branches (tests/test_margin_math.py).
 
@@ -69,7 +69,7 @@ def sphereface_lambda(
     power: float = SPHERE_LAMBDA_POWER,
     lambda_min: float = SPHERE_LAMBDA_MIN,
 ) -> float:
-    """The annealed SphereFace weight lambda at a training iteration (DESIGN §1)."""
+    """The annealed SphereFace weight lambda at a training iteration (docs/design.md §1)."""
     return max(lambda_min, base * (1.0 + gamma * iteration) ** (-power))
 
 
@@ -274,7 +274,7 @@ def psi(cos: torch.Tensor, margin: Margin) -> torch.Tensor:
 
 
 def psi_grad(cos: torch.Tensor, margin: Margin) -> torch.Tensor:
-    """d psi / d cos in closed form (DESIGN §2), what fused kernels compute; no autograd."""
+    """d psi / d cos in closed form (docs/design.md §3), what fused kernels compute; no autograd."""
     if margin.grad_mode == "detached" or margin.kind == ADDITIVE:
         return torch.ones_like(cos)
     c = cos.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS)

@@ -79,7 +79,7 @@ class _MarginLoss(torch.nn.Module):
               reduction: str | None = None) -> torch.Tensor:
         """embeddings (B, D), weight (C*K, D) any strides, labels (B,) -> the loss, reduced
         by `reduction` (default: the module's), in the embeddings' dtype (fp32 under
-        autocast: the loss is computed in fp32 either way, DESIGN §1)."""
+        autocast: the loss is computed in fp32 either way, docs/design.md §1)."""
         loss, _ = margin_loss(
             embeddings, weight, labels, self.current_margin(), self.scale,
             sub_centers=self.sub_centers, label_smoothing=self.label_smoothing, ignore_index=self.ignore_index,
@@ -274,7 +274,7 @@ class _PMLMarginLoss(_MarginLoss):
         return mask
 
     def modify_cosine_of_target_classes(self, cosine_of_target_classes: torch.Tensor) -> torch.Tensor:
-        """psi(cos) of the target columns (DESIGN §1): PML's formula, with fastmargin's
+        """psi(cos) of the target columns (docs/design.md §1): PML's formula, with fastmargin's
         clamp of cos to 1 - 1e-7 and theta policy."""
         if self.collect_stats:
             self.get_angles(cosine_of_target_classes)
@@ -476,8 +476,9 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
 class CombinedMarginLoss(_MarginLoss):
     """insightface arcface_torch's CombinedMarginLoss(s, m1, m2, m3), cos(m1*theta + m2) - m3,
     with its own classifier weight `weight` (num_classes, embedding_size), initialised
-    N(0, 0.01) as PartialFC's. insightface accepts only ArcFace (m1 = 1, m3 = 0) or CosFace
-    (m3 > 0); every combination works here. insightface's ArcFace branch is the detached
+    N(0, 0.01) as PartialFC's. insightface computes ArcFace (m1 = 1, m3 = 0) and, for any
+    m3 > 0, CosFace, ignoring m1 and m2 then, and raises otherwise; every combination works
+    here, all three margins applied. insightface's ArcFace branch is the detached
     gradient: pass grad_mode='detached' for its numbers in backward too.
 
     Half-precision embeddings outside autocast meet `weight` rounded to their dtype out of

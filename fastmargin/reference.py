@@ -1,7 +1,7 @@
 """The oracle: margin cross-entropy on materialised logits with plain PyTorch autograd.
 
 Readable first, fast never: it holds several (B, C*K) tensors. Every backend is tested
-against it (in float64 where the backend has it). The math is DESIGN §1. Like every
+against it (in float64 where the backend has it). The math is docs/design.md §1. Like every
 backend it computes the logits' row statistics; fastmargin.loss turns them into the loss.
 """
 
@@ -45,7 +45,7 @@ def margin_logits(
     scale: float,
     sub_centers: int = 1,
 ) -> torch.Tensor:
-    """z (B, C): S_i * cos_ij, with S_i * psi(cos_iy) in the target column (DESIGN §1).
+    """z (B, C): S_i * cos_ij, with S_i * psi(cos_iy) in the target column (docs/design.md §1).
 
     Rows whose label is outside [0, C) (ignored rows) get no margin. All in one dtype.
     """
@@ -70,7 +70,7 @@ def row_statistics(
     sub_centers: int = 1,
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(lse, z_target, z_sum), each (B,): log Σ_j exp z_ij, z_iy and Σ_j z_ij (DESIGN §1).
+    """(lse, z_target, z_sum), each (B,): log Σ_j exp z_ij, z_iy and Σ_j z_ij (docs/design.md §2).
 
     The backend contract (fastmargin.fused): embeddings (B, D), weight (C*K, D) any strides,
     any float dtypes, computed in fp32 (fp64 if an input is); labels (B,) int64, a label

@@ -1,7 +1,7 @@
 """Sub-center ArcFace data cleaning (Deng et al., TPAMI): dominant sub-centers, outliers,
 purification.
 
-A model trained with K sub-centers per class (DESIGN §1) gathers a class's clean samples
+A model trained with K sub-centers per class (docs/design.md §1) gathers a class's clean samples
 at one sub-center and its noisy or hard samples at the others. Per class, the dominant
 sub-center is the one most of the class's samples are nearest to; a sample whose angle to
 its class's dominant sub-center exceeds a threshold (75 degrees in the paper) is an

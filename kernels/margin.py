@@ -1,4 +1,4 @@
-"""The margin math of DESIGN §1-2 as Triton jit helpers: psi (the target transform) and psi'.
+"""The margin math of docs/design.md §1 and §3 as Triton jit helpers: psi (the target transform) and psi'.
 
 fastmargin/margins.py (PyTorch, the oracle's) and csrc/margin.h (C++/CUDA) compute the same
 expressions with the same branches; tests/test_margin_math.py holds the three to each other.
@@ -145,7 +145,7 @@ def psi(cos, prow, stride_pp, KIND: tl.constexpr, SPHERE_M: tl.constexpr, CLAMP_
 @triton.jit
 def psi_grad(cos, prow, stride_pp, KIND: tl.constexpr, SPHERE_M: tl.constexpr, CLAMP_THETA: tl.constexpr,
              DETACHED: tl.constexpr):
-    """psi'(cos) of each row's cosine, in closed form (DESIGN §3; fastmargin.margins.psi_grad)."""
+    """psi'(cos) of each row's cosine, in closed form (docs/design.md §3; fastmargin.margins.psi_grad)."""
     if DETACHED or KIND == ADDITIVE:
         return tl.full(cos.shape, 1.0, cos.dtype)
     c = clamp_cos(cos, prow, stride_pp)

@@ -1,5 +1,5 @@
 """Backward: dx and dW of the row statistics, recomputing each cosine tile from the saved
-lse (DESIGN §2-3), deterministic without atomics.
+lse (docs/design.md §3; deterministic: §4) without atomics.
 
 With dcos from kernels/tiles.py and the norm folded into the GEMM operand,
 

@@ -1,5 +1,5 @@
 """Forward: the margin logits' row statistics (lse, z_target, z_sum) in one pass over the
-classes, never holding more than a tile of logits (DESIGN §3, class-chunked).
+classes, never holding more than a tile of logits (docs/design.md §2, §4).
 
 Program (row block, split) walks its split's class tiles, keeping each row's online
 log-sum-exp (running max and sum of exp(z - max)), Σ_j z_ij and z_iy, and writes them

@@ -1,5 +1,5 @@
 """Jit helpers that the forward and backward kernels share: one (rows x classes) tile of
-cosines, its logits and its dcos (DESIGN §1-2).
+cosines, its logits and its dcos (docs/design.md §1, §3).
 
 A tile covers BLOCK_B rows and BLOCK_C classes. With K sub-centers a class owns the K
 consecutive weight rows c*K .. c*K + K-1, so the tile's weight rows are a contiguous run,
@@ -56,7 +56,7 @@ def dot_acc(a, b, acc, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION:
     return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
 
 
-# fp16 GEMM operands (DESIGN §4: never drop small softmax entries). The backward's operand g
+# fp16 GEMM operands (docs/design.md §4: never drop small softmax entries). The backward's operand g
 # is about s p / (B ||x||) for a class that is no row's target, p ~ 1/C: 1e-8 and below,
 # under half the smallest fp16 subnormal, so a plain cast flushes most of the negative-class
 # gradient. Each row of the dx operand and each class column of the dW operand is therefore
@@ -163,7 +163,7 @@ def logits(cos, cols, C, labels, prow, stride_pp, KIND: tl.constexpr, SPHERE_M: 
 @triton.jit
 def dcos_tile(cos, cols, C, labels, row_valid, row_scale, lse, g_lse, g_target, g_sum, prow, stride_pp,
               KIND: tl.constexpr, SPHERE_M: tl.constexpr, CLAMP_THETA: tl.constexpr, DETACHED: tl.constexpr):
-    """dcos (BLOCK_B, BLOCK_C) of DESIGN §2, with dz_ij = g_lse_i p_ij + g_target_i [j = y_i]
+    """dcos (BLOCK_B, BLOCK_C) of docs/design.md §3, with dz_ij = g_lse_i p_ij + g_target_i [j = y_i]
     + g_sum_i and p_ij = exp(z_ij - lse_i); and dz * zc, whose row sums are SphereFace's
     gradient through S_i = s ||x_i||. Both are 0 outside the B x C block: a where, not a
     product, since exp(S zc - lse) of a padded row (lse = 0) may overflow to inf."""

@@ -1,4 +1,4 @@
-// The fused CPU margin cross-entropy (DESIGN §1-3), declared for the binding file.
+// The fused CPU margin cross-entropy (docs/design.md §1-3), declared for the binding file.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -9,7 +9,7 @@
 
 namespace fastmargin {
 
-// The row statistics every loss is built from (fastmargin/fused.py, DESIGN §2): with
+// The row statistics every loss is built from (fastmargin/fused.py, docs/design.md §2): with
 // z_ij the logits, lse_i = log Σ_j exp z_ij, z_target_i = z_iy and z_sum_i = Σ_j z_ij.
 // x (B, D), w (C*K, D) any strides, float16/bfloat16/float32/float64; labels (B,) int64,
 // where a label outside [0, C) means "no target column here" (an ignored row, or a target

@@ -1,4 +1,4 @@
-// The fused CUDA margin cross-entropy (DESIGN §1-3) as the binding file sees it: plain
+// The fused CUDA margin cross-entropy (docs/design.md §1-3) as the binding file sees it: plain
 // pointers and a plan, no torch. The binding (csrc/fastmargin.cpp) allocates, makes the
 // LaunchPlan (launch_plan.h) and launches; the kernels are margin_ce_fwd.cu and
 // margin_ce_bwd.cu. They write per-split partial results, which fastmargin/gpu_host.py

@@ -1,5 +1,5 @@
 // Backward: dx and dW of the row statistics, recomputing each cos tile from the saved lse
-// (DESIGN §2-3), deterministic without atomics; the CUDA twin of kernels/margin_ce_bwd.py,
+// (docs/design.md §3; deterministic: §4) without atomics; the CUDA twin of kernels/margin_ce_bwd.py,
 // whose header derives the algebra. With dcos from tiles.cuh:
 //
 //   dx̂_i = Σ_j (dcos_ij / r_j) w_j          dŵ_j = Σ_i (dcos_ij / n_i) x_i

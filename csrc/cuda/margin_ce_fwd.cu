@@ -1,5 +1,5 @@
 // Forward: the margin logits' row statistics (lse, z_target, z_sum) in one pass over the
-// classes, never holding more than a tile of logits (DESIGN §3, class-chunked); the CUDA
+// classes, never holding more than a tile of logits (docs/design.md §2, §4); the CUDA
 // twin of kernels/margin_ce_fwd.py. GEMMs on tensor cores through WMMA (why not CUTLASS:
 // tiles.cuh).
 //

@@ -309,7 +309,7 @@ struct Tile {
                 "a row's threads must be a power of two within a warp");
 };
 
-// fp16 GEMM operands of the backward (DESIGN §4: never drop small softmax entries), the
+// fp16 GEMM operands of the backward (docs/design.md §4: never drop small softmax entries), the
 // twin of kernels/tiles.py scale_fp16_operand. The operand g = dcos / r_j (dx) or dcos / n_i
 // (dW) is about s p / (B ||x||) for a class that is no row's target, p ~ 1/C: 1e-8 and
 // below, under half fp16's smallest subnormal, so a plain cast flushes most of the
@@ -427,7 +427,7 @@ __device__ void dot_tile(const MarginCeArgs& a, const LaunchPlan& p, int64_t row
 
 // cos of class j of the tile from its row of dots: the max over the K sub-centers of
 // dot / ||w|| (times 1 / ||x|| by the caller), as csrc/cpu/margin_ce.cpp; *best gets the
-// first arg-max, which alone receives the gradient (DESIGN §1). A NaN wins, as in torch's max.
+// first arg-max, which alone receives the gradient (docs/design.md §1). A NaN wins, as in torch's max.
 template <class Acc>
 __device__ __forceinline__ Acc class_cosine(const Acc* dots, const Acc* w_inv, int j, int K, int* best) {
   Acc c = dots[j * K] * w_inv[j * K];
@@ -443,7 +443,7 @@ __device__ __forceinline__ Acc class_cosine(const Acc* dots, const Acc* w_inv, i
   return c;
 }
 
-// dcos_ij (DESIGN §2) with dz_ij = g_lse p_ij + g_target [j = y_i] + g_sum and p_ij =
+// dcos_ij (docs/design.md §3) with dz_ij = g_lse p_ij + g_target [j = y_i] + g_sum and p_ij =
 // exp(S zc - lse); and dz zc, whose row sums are SphereFace's gradient through S_i. Zero
 // on rows past B (a where, not a product: their exp may be inf).
 template <class Acc>
