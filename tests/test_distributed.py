@@ -229,8 +229,9 @@ def checkpoints(rank: int, world: int, out: Path) -> dict:
     return facts
 
 
-def worker(rank: int, world: int, out: str, cases: list[Case]) -> None:
-    out = Path(out)
+def run_rank(rank: int, world: int, out: Path, cases, run_case, checkpoints) -> None:
+    """One rank of a gloo world: run_case(case, rank, world) for each case, then
+    checkpoints(rank, world, out), their results (or the first traceback) saved for the parent."""
     dist.init_process_group("gloo", init_method=f"file://{out / 'store'}", rank=rank, world_size=world,
                             timeout=COLLECTIVE_TIMEOUT)
     torch.set_num_threads(1)  # up to 4 ranks share the machine's cores
@@ -245,6 +246,10 @@ def worker(rank: int, world: int, out: str, cases: list[Case]) -> None:
         results["checkpoints"] = checkpoints(rank, world, out)
     torch.save(results, out / f"rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def worker(rank: int, world: int, out: str, cases: list[Case]) -> None:
+    run_rank(rank, world, Path(out), cases, run_case, checkpoints)
 
 
 @dataclass

@@ -28,7 +28,6 @@ import math
 import os
 import subprocess
 import sys
-import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ import torch.nn.functional as F
 
 from fastmargin.distributed import LOCAL, sample_classes
 from fastmargin.insightface import ArcFace, CombinedMarginLoss, CosFace, PartialFC_V2, fused_margin
-from test_distributed import COLLECTIVE_TIMEOUT, TOL, World, assert_rel
+from test_distributed import TOL, World, assert_rel, run_rank
 
 needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available in this torch build")
@@ -174,21 +173,7 @@ def checkpoints(rank: int, world: int, out: Path) -> dict:
 
 
 def worker(rank: int, world: int, out: str) -> None:
-    out = Path(out)
-    dist.init_process_group("gloo", init_method=f"file://{out / 'store'}", rank=rank, world_size=world,
-                            timeout=COLLECTIVE_TIMEOUT)
-    torch.set_num_threads(1)
-    results = {}
-    for case in CASES:
-        try:
-            results[case.name] = {"steps": run_case(case, rank, world)}
-        except Exception:  # noqa: BLE001 - recorded for the parent; later collectives would be out of step
-            results[case.name] = traceback.format_exc()
-            break
-    else:
-        results["checkpoints"] = checkpoints(rank, world, out)
-    torch.save(results, out / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    run_rank(rank, world, Path(out), CASES, lambda case, r, w: {"steps": run_case(case, r, w)}, checkpoints)
 
 
 @pytest.fixture(scope="module", params=[pytest.param(p, marks=needs_gloo) for p in (1, 2, 3)],
