@@ -345,9 +345,12 @@ def check_against_reference(x, w, y, tol, what="", backend="cpu", grad_tol=None,
 #   U_i (p_ij - (1 - eps) [j = y_i] - eps / C) (U_i the row's upstream weight, eps the label
 #   smoothing) and each direction has norm sin(theta) <= 1, so elements <= 1. Rounding
 #   moves it by (S_i / n_i) U_i sum_j (|dp_ij| + |dz_ij / U_i| P'_ij delta_c): the softmax's
-#   change, and each direction known to delta_c times its psi' (P'_ij = P'_i in the case's
-#   gradient mode for the target, 1 else). At |cos| = 1 the target's direction is all
-#   rounding, ~ s P' eps: the "psi' ~ 1e3 at the clamp times eps times s" of these cases.
+#   change, and each direction known to delta_c times its psi', plus the target's psi'
+#   taken at a cosine off by delta_c times its direction (P'_ij = |psi'_i| + |psi''_i|
+#   sin(theta_i) in the case's gradient mode for the target, 1 for the others; SphereFace
+#   m = 16 has psi'' ~ 2e4 near |cos| = 1). At |cos| = 1 the target's direction is all
+#   rounding, ~ s psi' eps: the "psi' ~ 1e3 at the clamp times eps times s" of these cases
+#   (psi' is held at the clamp there, psi'' = 0).
 # - dW_j sums the same over the rows, each with its terms of class j, divided by r_j.
 # The result's own rounding (half an ulp of each stored value, a few in lse's log and
 # exp) is what TOL, beside these floors in every bound, covers.
@@ -386,7 +389,14 @@ def rounding_floors(x, w, y, kwargs, upstream=None, dtype=None):
     cos = reference.cosine_logits(x, w, K)
     target = cos.gather(1, y.clamp(0, num_classes - 1).unsqueeze(1)).squeeze(1) if len(y) else n
     P = torch.where(valid, psi_grad(target, exact).abs(), 0.0).clamp(min=1.0)
-    P_grad = torch.where(valid, psi_grad(target, margin).abs(), 0.0).clamp(min=1.0)
+    # The target direction's factor: psi' (in the case's gradient mode) for the direction's
+    # own rounding, plus |psi''| sin(theta) for psi' taken at a cosine off by delta_c.
+    c = target.detach().clone().requires_grad_(True)
+    slope = psi_grad(c, margin)
+    (curvature,) = torch.autograd.grad(slope.sum(), c, allow_unused=True) if slope.requires_grad else (None,)
+    curvature = torch.zeros_like(target) if curvature is None else curvature.abs()
+    P_grad = slope.detach().abs() + curvature * (1 - target.detach() ** 2).clamp(min=0).sqrt()
+    P_grad = torch.where(valid, P_grad, 0.0).clamp(min=1.0)
     a, o = S * P * delta_c, S * delta_c  # (B,): target logit's and the others' moves
     rows = valid.sum().item()
     U = {"mean": torch.full_like(n, 1.0 / max(rows, 1)), "sum": torch.ones_like(n),
