@@ -2,20 +2,29 @@
 // and their backward: the classes are walked in blocks of `chunk`, so nothing of size
 // B x C ever exists (DESIGN §3, the class-chunked design).
 //
-// Forward, per block: dots = x @ w_blockᵀ (ATen GEMM), then one pass per row turns the
-// dots into logits (cos = dot / (||x|| ||w||), max over the K sub-centers, psi on the
-// target, x S) and merges the block into the row's online log-sum-exp (max, sum of exp).
-// Backward recomputes each block's logits from the saved lse, writes dcos / r (DESIGN §2)
-// over the dots and feeds two GEMMs: dX̂ += G @ W_block and A_block = Gᵀ @ X̂ with
-// G = dcos / r. The normalisation terms need a_i = Σ_j dcos_ij cos_ij and
-// b_j = Σ_i dcos_ij cos_ij; since cos_ij = <x̂_i, ŵ_j>, a_i = <x̂_i, dX̂_i> and
-// b_j = <ŵ_j, dŴ_j>: O((B + C) D) dots after the GEMMs instead of sums over the block.
+// The classes are split into one contiguous part per thread, and each thread walks its part
+// alone, block after block, with single-threaded GEMMs: one parallel region a pass and no
+// barrier inside it, since on a busy machine every barrier waits for a descheduled thread.
+// A block's dots are computed transposed, dotsᵀ = W_block @ xᵀ (n*K, B): class rows, batch
+// columns. Everything else about a class row then sits in that row (its norm, its K
+// sub-centers, its b_j below, its gradient row), and the element work is one pass over
+// slices of class rows, vectorised along the batch, while the block is still in cache:
 //
-// Deterministic run after run at a fixed thread count: rows are independent and each row's
-// sums run in a fixed order. Across thread counts the results agree to rounding, not to the
-// bit: the GEMMs are ATen's (MKL here), whose blocking follows the thread count. The row
-// loops are compiled per instruction set (FM_CPU_CLONES), so bits may also differ between
-// machines.
+//   forward: the W rows' norms; cos = dot / (||x|| ||w||) (max over the K sub-centers), psi
+//   on the target, z = S cos; each slice's row max, then Σ exp(z - max) merged into the
+//   part's running log-sum-exp; the parts merge in order at the end.
+//   backward: the same logits, dcos (DESIGN §3) written over the dots as G = dcos / r (the
+//   column scaling both GEMMs want), b_j = Σ_i dcos_ij cos_ij, and dw's rows started at
+//   their radial term -w_j b_j / r_j². Then two GEMMs: the part's dX̂ += Gᵀ-as-operand @
+//   W_block, and dW_block += G @ X̂ (beta 1), which finishes dw_j = (dŵ_j - ŵ_j b_j) / r_j
+//   since dŵ_j / r_j = Σ_i G_ji x̂_i. The parts' dX̂ are summed in order at the end.
+//
+// A step is 4 GEMMs (the logits are recomputed in backward) plus that one pass per block.
+//
+// Deterministic run after run at a fixed thread count: the parts follow the thread count,
+// each part's sums run in a fixed order and the parts merge in a fixed order. Across thread
+// counts the results agree to rounding, not to the bit. The slice loops are compiled per
+// instruction set (FM_CPU_CLONES), so bits may also differ between machines.
 #include "cpu/margin_ce.h"
 
 #include <ATen/ATen.h>
@@ -32,8 +41,8 @@
 namespace fastmargin {
 namespace {
 
-// The per-row loops are compiled for AVX-512, AVX2 and baseline x86-64, picked at load
-// time by the CPU (results are bitwise stable on one machine, not across instruction sets).
+// The slice loops are compiled for AVX-512, AVX2 and baseline x86-64, picked at load time
+// by the CPU (results are bitwise stable on one machine, not across instruction sets).
 #if defined(__x86_64__) && defined(__GNUC__)
 #define FM_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -42,14 +51,18 @@ namespace {
 
 // exp(x) for the softmax loops, written so that the compiler vectorises the loops that
 // call it (std::exp is a library call that blocks vectorisation without -ffast-math,
-// which would also break the inf and NaN handling we rely on). float: exp(x) = 2^n e^r,
-// n = round(x / ln 2), |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative
-// error < 2e-7, about one float ulp). Arguments are <= 0 here (z - max); below -86 the
-// result is clamped to e^-86 ~ 4e-38, whose share of a sum that holds a 1 is nil.
-// NaN is passed through. double keeps std::exp: fp64 users want its last bits.
+// which would also break the inf and NaN handling we rely on): exp(x) = 2^n e^r,
+// n = round(x / ln 2), |r| <= ln 2 / 2 (ln 2 in two parts, so that n ln2_hi is exact), e^r
+// by its Taylor polynomial, 2^n added to the exponent field. n is rounded by the 1.5 * 2^p
+// trick (round to nearest even, as nearbyint, with no library call and in every
+// instruction set). Arguments are <= 0 here (z - max, z - lse); below the clamp the result
+// is the clamp's, whose share of a sum that holds a 1 is nil. NaN is passed through.
+// float: degree 6, relative error < 2e-7 (about one ulp), clamped to e^-86 ~ 4e-38.
+// double: degree 13, about one ulp, clamped to e^-708 ~ 3e-308.
 inline float vexp(float x) {
   const float xc = std::min(std::max(x, -86.0f), 88.0f);
-  const float n = std::nearbyint(xc * 1.44269504088896341f);
+  const float shifter = 12582912.0f;  // 1.5 * 2^23
+  const float n = (xc * 1.44269504088896341f + shifter) - shifter;
   const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;  // ln 2 = 0.693359375 - 2.12e-4
   float p = 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
@@ -65,310 +78,483 @@ inline float vexp(float x) {
   std::memcpy(&out, &bits, sizeof out);
   return x != x ? x : out;
 }
-inline double vexp(double x) { return std::exp(x); }
+inline double vexp(double x) {
+  const double xc = std::min(std::max(x, -708.0), 709.0);
+  const double shifter = 6755399441055744.0;  // 1.5 * 2^52
+  const double m = xc * 1.4426950408889634074 + shifter;
+  const double n = m - shifter;
+  const double r = (xc - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10;  // ln 2, hi + lo
+  double p = 1.0 / 6227020800.0;
+  p = p * r + 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  p = p * r + 1.0;
+  int64_t bits, n_bits, shifter_bits;  // n = the low bits of m's pattern less the shifter's
+  std::memcpy(&bits, &p, sizeof bits);
+  std::memcpy(&n_bits, &m, sizeof n_bits);
+  std::memcpy(&shifter_bits, &shifter, sizeof shifter_bits);
+  bits += (n_bits - shifter_bits) * (int64_t(1) << 52);
+  double out;
+  std::memcpy(&out, &bits, sizeof out);
+  return x != x ? x : out;
+}
+
+// Class rows (of n*K) per slice, the unit of a block's element pass: a slice's rows of B
+// dots stay in L2 between its passes.
+constexpr int64_t kSliceRows = 256;
+// Batch rows per tile of a slice: the per-row arrays of a tile stay in L1.
+constexpr int64_t kRowTile = 128;
 
 // Items per thread of at::parallel_for for items of `work` elements each: at least
 // kParallelWork elements a thread, since waking a thread costs more than a small loop
-// (and far more on a loaded machine). Small problems run on the calling thread.
+// (and far more on a loaded machine). Small problems run on the calling thread; a part of
+// the walk (Walk) holds at least kParallelWork logits.
 constexpr int64_t kParallelWork = 1 << 15;
 inline int64_t grain(int64_t work) { return std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, work)); }
 
-// ||v_r|| and 1 / max(||v_r||, kNormEps) for the rows of v (R, D), any strides.
+// ||v_r|| and 1 / max(||v_r||, kNormEps) for the rows [r0, r1) of v (rows, dim) with strides
+// (sr, sd): along a row when sd == 1, else down the columns (a W.t() view), contiguous reads
+// either way.
 template <typename T>
-void row_norms(const at::Tensor& v, T* norm, T* inv_norm) {
-  const int64_t rows = v.size(0), dim = v.size(1), sr = v.stride(0), sd = v.stride(1);
-  const T* p = v.data_ptr<T>();
-  at::parallel_for(0, rows, std::max<int64_t>(64, grain(dim)), [&](int64_t r0, int64_t r1) {
-    std::vector<T> acc(r1 - r0, T(0));
-    if (sd == 1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        T a = T(0);
-#pragma omp simd reduction(+ : a)
-        for (int64_t d = 0; d < dim; ++d) a += p[r * sr + d] * p[r * sr + d];
-        acc[r - r0] = a;
-      }
-    } else {  // column-major rows (a W.t() view): walk d outside so reads are contiguous
-      for (int64_t d = 0; d < dim; ++d)
-        for (int64_t r = r0; r < r1; ++r) acc[r - r0] += p[r * sr + d * sd] * p[r * sr + d * sd];
-    }
+FM_CPU_CLONES void row_norms(const T* v, int64_t sr, int64_t sd, int64_t dim, int64_t r0, int64_t r1, T* norm,
+                             T* inv_norm) {
+  if (sd == 1) {
     for (int64_t r = r0; r < r1; ++r) {
-      norm[r] = std::sqrt(acc[r - r0]);
-      inv_norm[r] = T(1) / std::max(norm[r], T(kNormEps));
+      const T* p = v + r * sr;
+      T a = T(0);
+#pragma omp simd reduction(+ : a)
+      for (int64_t d = 0; d < dim; ++d) a += p[d] * p[d];
+      norm[r] = a;
     }
-  });
+  } else {
+    for (int64_t r = r0; r < r1; ++r) norm[r] = T(0);
+    for (int64_t d = 0; d < dim; ++d) {
+      const T* p = v + d * sd;
+#pragma omp simd
+      for (int64_t r = r0; r < r1; ++r) norm[r] += p[r * sr] * p[r * sr];
+    }
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    norm[r] = std::sqrt(norm[r]);
+    inv_norm[r] = T(1) / std::max(norm[r], T(kNormEps));
+  }
 }
 
-// What every block of the walk shares.
+// What every part of the walk shares, read-only once built.
 template <typename T>
 struct Walk {
-  int64_t B, D, C, K, chunk;
+  int64_t B, D, C, K, chunk, slice_classes, parts;
   const int64_t* labels;
   const T* params;  // (kNumParams, R): row i's margin is column i, or column 0 for all
   int64_t stride_param, stride_row;
   MarginFlags flags;
-  std::vector<T> x_norm, x_inv_norm;  // (B,)
-  std::vector<T> w_norm, w_inv_norm;  // (chunk * K,), the current block's rows
-  at::Tensor dots;                    // (B * chunk * K,), the block's dots, then its dcos
+  std::vector<T> x_norm, x_inv_norm, scale;  // (B,): ||x_i||, 1 / max(||x_i||, eps), S_i
 
   Walk(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels_, const at::Tensor& params_,
        const MarginFlags& f, int64_t sub_centers, int64_t chunk_)
       : B(x.size(0)), D(x.size(1)), K(sub_centers), labels(labels_.data_ptr<int64_t>()),
         params(params_.data_ptr<T>()), stride_param(params_.stride(0)),
-        stride_row(params_.size(1) == 1 ? 0 : params_.stride(1)), flags(f), x_norm(B), x_inv_norm(B) {
+        stride_row(params_.size(1) == 1 ? 0 : params_.stride(1)), flags(f), x_norm(B), x_inv_norm(B), scale(B) {
     C = w.size(0) / K;
-    chunk = std::max<int64_t>(1, std::min(chunk_, C));
-    w_norm.resize(chunk * K);
-    w_inv_norm.resize(chunk * K);
-    dots = at::empty({B * chunk * K}, x.options());
-    row_norms<T>(x, x_norm.data(), x_inv_norm.data());
+    // One part per thread, fewer when there is too little work to share (at least
+    // kParallelWork logits a part) or fewer classes than threads.
+    const int64_t work = std::max<int64_t>(1, B * C * K / kParallelWork);
+    parts = std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), work, C}));
+    chunk = std::max<int64_t>(1, std::min(chunk_, (C + parts - 1) / parts));
+    slice_classes = std::max<int64_t>(1, kSliceRows / K);
+    at::parallel_for(0, B, std::max<int64_t>(64, grain(D)), [&](int64_t i0, int64_t i1) {
+      row_norms<T>(x.data_ptr<T>(), x.stride(0), x.stride(1), D, i0, i1, x_norm.data(), x_inv_norm.data());
+    });
+    for (int64_t i = 0; i < B; ++i) {  // S_i: s, or s * ||x_i|| for SphereFace
+      scale[i] = params[kScale * stride_param + i * stride_row] * (sphereface() ? x_norm[i] : T(1));
+    }
   }
 
   bool sphereface() const { return flags.kind == kSphere; }
 
   MarginParams<T> margin(int64_t i) const { return margin_row(params, stride_param, stride_row, i); }
 
-  // S_i: s, or s * ||x_i|| for SphereFace.
-  T row_scale(int64_t i) const {
-    return params[kScale * stride_param + i * stride_row] * (sphereface() ? x_norm[i] : T(1));
-  }
+  // Part p's classes: [part_begin(p), part_begin(p + 1)).
+  int64_t part_begin(int64_t p) const { return C * p / parts; }
 
-  // The target's column in block [c0, c0 + n), or -1 (labels outside [0, C) have none).
-  int64_t target_in_block(int64_t i, int64_t c0, int64_t n) const {
-    const int64_t y = labels[i];
-    return (y >= c0 && y < c0 + n) ? y - c0 : -1;
+  // Runs body(p) for every part, in parallel; each part is walked by one thread.
+  template <typename F>
+  void for_each_part(const F& body) const {
+    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) body(p);
+    });
   }
+};
 
-  // Computes the block's dots (B, n*K) = x @ w_blockᵀ and the block rows' norms.
-  T* load_block(const at::Tensor& x, const at::Tensor& w_block, int64_t n) {
-    row_norms<T>(w_block, w_norm.data(), w_inv_norm.data());
-    at::Tensor out = dots.narrow(0, 0, B * n * K).view({B, n * K});
-    at::mm_out(out, x, w_block.t());
+// One part's buffers: the block's dotsᵀ (then its G) and its W rows' norms.
+template <typename T>
+struct Block {
+  at::Tensor dots;  // (chunk * K * B,)
+  std::vector<T> w_norm, w_inv_norm;  // (chunk * K,)
+
+  Block(const Walk<T>& walk, const at::TensorOptions& options)
+      : dots(at::empty({walk.chunk * walk.K * walk.B}, options)), w_norm(walk.chunk * walk.K),
+        w_inv_norm(walk.chunk * walk.K) {}
+
+  // Computes the block's dotsᵀ (n*K, B) = w_block @ xᵀ, single-threaded inside a part.
+  T* load(const at::Tensor& x, const at::Tensor& w_block) {
+    at::Tensor out = dots.narrow(0, 0, w_block.size(0) * x.size(0)).view({w_block.size(0), x.size(0)});
+    at::mm_out(out, w_block, x.t());
     return out.data_ptr<T>();
   }
+};
 
-  // cos_ij of row i for the n classes of the block, from the row's dots (n*K,): the max over
-  // the K sub-centers of dot / (||x|| ||w||); best[j] gets the arg-max (the first of equals).
-  void row_cosines(const T* dot, int64_t i, int64_t n, T* cos, int32_t* best) const {
-    const T inv_x = x_inv_norm[i];
-    const T* inv_w = w_inv_norm.data();
-    if (K == 1) {
+// A class row's cosines with the rows [i0, i0 + m) of the batch, from its K sub-centers'
+// dots (K rows of dotsᵀ from `d`, each B long): cos = max_k dot_k / ||w_k|| times 1 / ||x||,
+// best = the arg-max k (the first of equals; a NaN wins, as in torch's max).
+template <typename T>
+inline void class_cosines(const T* d, int64_t B, int64_t K, const T* inv_w, const T* inv_x, int64_t m, T* cos,
+                          int32_t* best) {
+  if (K == 1) {
+    const T r = inv_w[0];
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) cos[j] = dot[j] * inv_w[j] * inv_x;
-      return;
+    for (int64_t ii = 0; ii < m; ++ii) cos[ii] = d[ii] * r * inv_x[ii];
+    return;
+  }
+  const T r0 = inv_w[0];
+#pragma omp simd
+  for (int64_t ii = 0; ii < m; ++ii) {
+    cos[ii] = d[ii] * r0;
+    best[ii] = 0;
+  }
+  for (int64_t k = 1; k < K; ++k) {
+    const T rk = inv_w[k];
+    const T* dk = d + k * B;
+#pragma omp simd
+    for (int64_t ii = 0; ii < m; ++ii) {
+      const T ck = dk[ii] * rk;
+      const bool take = ck > cos[ii] || ck != ck;
+      cos[ii] = take ? ck : cos[ii];
+      best[ii] = take ? static_cast<int32_t>(k) : best[ii];
     }
-    for (int64_t j = 0; j < n; ++j) {
-      int32_t kb = 0;
-      T c = dot[j * K] * inv_w[j * K];
-      for (int64_t k = 1; k < K; ++k) {
-        const T ck = dot[j * K + k] * inv_w[j * K + k];
-        if (ck > c || ck != ck) { c = ck; kb = static_cast<int32_t>(k); }  // NaN wins, as in torch's max
+  }
+#pragma omp simd
+  for (int64_t ii = 0; ii < m; ++ii) cos[ii] = cos[ii] * inv_x[ii];
+}
+
+// A part's running log-sum-exp (max, Σ exp(z - max)) and logit sum, per row.
+template <typename T>
+struct PartStats {
+  std::vector<T> run_max, run_sum, z_sum;
+  explicit PartStats(int64_t B) : run_max(B, -std::numeric_limits<T>::infinity()), run_sum(B, T(0)), z_sum(B, T(0)) {}
+};
+
+// sum * exp(from - to), where to >= from; an empty sum stays 0 (from = to = -inf).
+template <typename T>
+inline T rescale(T sum, T from, T to) {
+  return sum == T(0) ? T(0) : sum * vexp(from - to);
+}
+
+// The forward's work on the class rows of one slice, classes [j0, j1) of the block that
+// starts at class c0 (w: the block's rows, strides wr, wd): norms, logits (written over
+// the dots), merged into the part's stats.
+template <typename T>
+FM_CPU_CLONES void forward_slice(const Walk<T>& walk, Block<T>& blk, const T* w, int64_t wr, int64_t wd, T* dots,
+                                 int64_t c0, int64_t j0, int64_t j1, PartStats<T>& stats, T* z_target) {
+  const int64_t B = walk.B, K = walk.K;
+  row_norms<T>(w, wr, wd, walk.D, j0 * K, j1 * K, blk.w_norm.data(), blk.w_inv_norm.data());
+  const T* inv_w = blk.w_inv_norm.data();
+  T cos[kRowTile], zt[kRowTile], bmax[kRowTile], bsum[kRowTile], bz[kRowTile];
+  int32_t best[kRowTile], tl[kRowTile];
+  for (int64_t i0 = 0; i0 < B; i0 += kRowTile) {
+    const int64_t m = std::min(kRowTile, B - i0);
+    const T* inv_x = walk.x_inv_norm.data() + i0;
+    const T* s = walk.scale.data() + i0;
+    // The targets in this slice: their logits z = S psi(cos), one row at a time.
+    for (int64_t ii = 0; ii < m; ++ii) {
+      const int64_t i = i0 + ii, j = walk.labels[i] - c0;
+      tl[ii] = (j >= j0 && j < j1) ? static_cast<int32_t>(j) : -1;
+      if (tl[ii] >= 0) {
+        T c;
+        int32_t b;
+        class_cosines(dots + j * K * B + i, B, K, inv_w + j * K, inv_x + ii, 1, &c, &b);
+        zt[ii] = s[ii] * psi(c, walk.margin(i), walk.flags);
+        z_target[i] = zt[ii];
       }
-      best[j] = kb;
-      cos[j] = c * inv_x;
+      bmax[ii] = -std::numeric_limits<T>::infinity();
+      bz[ii] = T(0);
+      bsum[ii] = T(0);
+    }
+    // Pass 1: the logits, over the first sub-center's dots; the block's row max and Σ z.
+    for (int64_t j = j0; j < j1; ++j) {
+      T* d = dots + j * K * B + i0;
+      const int32_t j32 = static_cast<int32_t>(j);
+      class_cosines(d, B, K, inv_w + j * K, inv_x, m, cos, best);
+#pragma omp simd
+      for (int64_t ii = 0; ii < m; ++ii) {
+        const T z = tl[ii] == j32 ? zt[ii] : s[ii] * cos[ii];
+        d[ii] = z;
+        bmax[ii] = std::max(bmax[ii], z);  // a NaN drops out of the max; z_sum keeps it
+        bz[ii] += z;
+      }
+    }
+    // Pass 2: Σ exp(z - max) against the part's new running max.
+    T* rm = stats.run_max.data() + i0;
+#pragma omp simd
+    for (int64_t ii = 0; ii < m; ++ii) bmax[ii] = std::max(rm[ii], bmax[ii]);
+    for (int64_t j = j0; j < j1; ++j) {
+      const T* d = dots + j * K * B + i0;
+#pragma omp simd
+      for (int64_t ii = 0; ii < m; ++ii) bsum[ii] += vexp(d[ii] - bmax[ii]);
+    }
+    T* rs = stats.run_sum.data() + i0;
+    T* zs = stats.z_sum.data() + i0;
+    for (int64_t ii = 0; ii < m; ++ii) {
+      rs[ii] = rescale(rs[ii], rm[ii], bmax[ii]) + bsum[ii];
+      rm[ii] = bmax[ii];
+      zs[ii] += bz[ii];
     }
   }
-};
-
-// Per-thread scratch for one row of a block: its cosines (then logits or dcos) and arg-maxes.
-template <typename T>
-struct RowScratch {
-  std::vector<T> cos;
-  std::vector<int32_t> best;
-  explicit RowScratch(int64_t n) : cos(n), best(n) {}
-};
-
-// The forward's per-row statistics, merged block after block.
-template <typename T>
-struct RowStats {
-  std::vector<T> run_max, run_sum;  // online log-sum-exp: running max and sum of exp(z - max)
-  std::vector<T> z_sum, z_target;   // Σ_j z_ij (label smoothing) and z_iy
-  explicit RowStats(int64_t B)
-      : run_max(B, -std::numeric_limits<T>::infinity()), run_sum(B, T(0)), z_sum(B, T(0)), z_target(B, T(0)) {}
-};
-
-// Row i of a forward block [c0, c0 + n) with dots (n*K,): its logits, merged into stats.
-template <typename T>
-FM_CPU_CLONES void forward_row(const Walk<T>& walk, const T* dots, int64_t i, int64_t c0, int64_t n,
-                               RowScratch<T>& scratch, RowStats<T>& stats) {
-  T* z = scratch.cos.data();
-  walk.row_cosines(dots, i, n, z, scratch.best.data());
-  const T s = walk.row_scale(i);
-  const int64_t target = walk.target_in_block(i, c0, n);
-  const T z_t = target >= 0 ? s * psi(z[target], walk.margin(i), walk.flags) : T(0);
-  T block_max = target >= 0 ? z_t : -std::numeric_limits<T>::infinity();
-  T block_sum_z = z_t;
-#pragma omp simd reduction(max : block_max) reduction(+ : block_sum_z)
-  for (int64_t j = 0; j < n; ++j) {
-    const T zj = j == target ? z_t : s * z[j];
-    z[j] = zj;
-    block_max = std::max(block_max, zj);
-    block_sum_z += j == target ? T(0) : zj;
-  }
-  if (target >= 0) stats.z_target[i] = z_t;
-  const T new_max = std::max(stats.run_max[i], block_max);
-  T block_sum_exp = T(0);
-#pragma omp simd reduction(+ : block_sum_exp)
-  for (int64_t j = 0; j < n; ++j) block_sum_exp += vexp(z[j] - new_max);
-  stats.run_sum[i] = stats.run_sum[i] * std::exp(stats.run_max[i] - new_max) + block_sum_exp;
-  stats.run_max[i] = new_max;
-  stats.z_sum[i] += block_sum_z;
 }
 
 template <typename T>
 void forward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels, const at::Tensor& params,
                   const MarginFlags& flags, int64_t sub_centers, int64_t chunk, T* lse, T* z_target, T* z_sum) {
-  Walk<T> walk(x, w, labels, params, flags, sub_centers, chunk);
-  const int64_t B = walk.B, K = walk.K, C = walk.C;
-  RowStats<T> stats(B);
-  for (int64_t c0 = 0; c0 < C; c0 += walk.chunk) {
-    const int64_t n = std::min(walk.chunk, C - c0);
-    const at::Tensor w_block = w.narrow(0, c0 * K, n * K).to(x.scalar_type());
-    T* dots = walk.load_block(x, w_block, n);
-    at::parallel_for(0, B, grain(n * K), [&](int64_t i0, int64_t i1) {
-      RowScratch<T> scratch(n);
-      for (int64_t i = i0; i < i1; ++i) forward_row(walk, dots + i * n * K, i, c0, n, scratch, stats);
-    });
-  }
-  for (int64_t i = 0; i < B; ++i) {
-    // A NaN logit can vanish from the running max (max(a, NaN) = a); z_sum keeps it.
-    z_sum[i] = stats.z_sum[i];
-    lse[i] = std::isnan(z_sum[i]) ? z_sum[i] : stats.run_max[i] + std::log(stats.run_sum[i]);
-    z_target[i] = stats.z_target[i];
-  }
-}
-
-// Row i of a backward block [c0, c0 + n): its dots (n*K,) are overwritten with dcos / r
-// (DESIGN §2), in the arg-max sub-center's column. (g_lse, g_target, g_sum) are the row's
-// gradients of (lse, z_target, z_sum): dz_ij = g_lse p_ij + g_target [j = y] + g_sum.
-// Returns the row's Σ_j dz_ij z_ij / S_i, SphereFace's gradient through the scale S_i.
-template <typename T>
-FM_CPU_CLONES T backward_row(const Walk<T>& walk, T* row, int64_t i, int64_t c0, int64_t n, T g_lse, T g_target,
-                             T g_sum, T lse_i, RowScratch<T>& scratch) {
-  const int64_t K = walk.K;
-  T* c = scratch.cos.data();
-  walk.row_cosines(row, i, n, c, scratch.best.data());
-  const T s = walk.row_scale(i);
-  const int64_t target = walk.target_in_block(i, c0, n);
-  // The target column: z = S psi(c), psi' on dcos.
-  T e = T(0), dc_t = T(0);
-  if (target >= 0) {
-    const MarginParams<T> margin = walk.margin(i);
-    const T zc = psi(c[target], margin, walk.flags);
-    const T dz = g_lse * vexp(s * zc - lse_i) + g_target + g_sum;
-    e = dz * zc;
-    dc_t = s * dz * psi_grad(c[target], margin, walk.flags);
-  }
-#pragma omp simd reduction(+ : e)
-  for (int64_t j = 0; j < n; ++j) {
-    const T dz = g_lse * vexp(s * c[j] - lse_i) + g_sum;
-    e += j == target ? T(0) : dz * c[j];
-    c[j] = j == target ? dc_t : s * dz;
-  }
-  // Written as dcos_ij / r_j, the column scaling that both GEMMs want (see backward_impl).
-  const T* inv_w = walk.w_inv_norm.data();
-  if (K == 1) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) row[j] = c[j] * inv_w[j];
-  } else {
-    for (int64_t j = 0; j < n; ++j)
-      for (int64_t k = 0; k < K; ++k) row[j * K + k] = k == scratch.best[j] ? c[j] * inv_w[j * K + k] : T(0);
-  }
-  return e;
-}
-
-// a_r -= w_r <w_r, a_r> / ||w_r||² for the rows of a block, turning A_j = dŵ_j / r_j into
-// dw_j (backward_impl). w_block and a share a layout: rows contiguous, or columns
-// contiguous (PML's W.t(), whose gradient is laid out like it).
-template <typename T>
-void remove_radial(const Walk<T>& walk, const at::Tensor& w_block, at::Tensor& a) {
-  const int64_t rows = a.size(0), D = a.size(1);
-  const int64_t wr = w_block.stride(0), wd = w_block.stride(1), ar = a.stride(0), ad = a.stride(1);
-  const T* w = w_block.data_ptr<T>();
-  T* g = a.data_ptr<T>();
-  const bool by_rows = wd == 1 && ad == 1;
-  at::parallel_for(0, rows, std::max<int64_t>(by_rows ? 1 : 256, grain(D)), [&](int64_t r0, int64_t r1) {
-    std::vector<T> b(r1 - r0, T(0));
-    if (by_rows) {
-      for (int64_t r = r0; r < r1; ++r) {
-        T acc = T(0);
-#pragma omp simd reduction(+ : acc)
-        for (int64_t d = 0; d < D; ++d) acc += w[r * wr + d] * g[r * ar + d];
-        b[r - r0] = acc;
+  const Walk<T> walk(x, w, labels, params, flags, sub_centers, chunk);
+  const int64_t B = walk.B, K = walk.K;
+  std::vector<PartStats<T>> stats(walk.parts, PartStats<T>(B));
+  std::fill(z_target, z_target + B, T(0));
+  walk.for_each_part([&](int64_t p) {
+    Block<T> blk(walk, x.options());
+    for (int64_t c0 = walk.part_begin(p), end = walk.part_begin(p + 1); c0 < end; c0 += walk.chunk) {
+      const int64_t n = std::min(walk.chunk, end - c0);
+      const at::Tensor w_block = w.narrow(0, c0 * K, n * K).to(x.scalar_type());
+      T* dots = blk.load(x, w_block);
+      const T* wp = w_block.data_ptr<T>();
+      for (int64_t j0 = 0; j0 < n; j0 += walk.slice_classes) {
+        forward_slice(walk, blk, wp, w_block.stride(0), w_block.stride(1), dots, c0, j0,
+                      std::min(n, j0 + walk.slice_classes), stats[p], z_target);
       }
-    } else {  // walk d outside so that reads run along the contiguous columns
-      for (int64_t d = 0; d < D; ++d)
-        for (int64_t r = r0; r < r1; ++r) b[r - r0] += w[r * wr + d * wd] * g[r * ar + d * ad];
-    }
-    for (int64_t r = r0; r < r1; ++r) {  // below kNormEps the norm is a constant: no radial term
-      b[r - r0] = walk.w_norm[r] < T(kNormEps) ? T(0) : b[r - r0] * walk.w_inv_norm[r] * walk.w_inv_norm[r];
-    }
-    if (by_rows) {
-      for (int64_t r = r0; r < r1; ++r) {
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) g[r * ar + d] -= w[r * wr + d] * b[r - r0];
-      }
-    } else {
-      for (int64_t d = 0; d < D; ++d)
-        for (int64_t r = r0; r < r1; ++r) g[r * ar + d * ad] -= w[r * wr + d * wd] * b[r - r0];
     }
   });
+  // Merge the parts in order. A NaN logit can vanish from a max (max(a, NaN) = a); z_sum
+  // keeps it.
+  for (int64_t i = 0; i < B; ++i) {
+    T m = -std::numeric_limits<T>::infinity(), zs = T(0), sum = T(0);
+    for (const PartStats<T>& part : stats) {
+      m = std::max(m, part.run_max[i]);
+      zs += part.z_sum[i];
+    }
+    for (const PartStats<T>& part : stats) sum += rescale(part.run_sum[i], part.run_max[i], m);
+    z_sum[i] = zs;
+    lse[i] = std::isnan(zs) ? zs : m + std::log(sum);
+  }
+}
+
+// What the backward's slices share besides the walk: the rows' upstream gradients and lse.
+template <typename T>
+struct Upstream {
+  const T *g_lse, *g_target, *g_sum, *lse;
+};
+
+// The backward's work on the class rows of one slice, classes [j0, j1) of the block that
+// starts at class c0. The dots become G = dcos / r (in the arg-max sub-center's row, 0 in
+// the others); dw's rows of the slice are set to their radial term, -w_j b_j / r_j² with
+// b_j = Σ_i dcos_ij cos_ij = <ŵ_j, dŵ_j> (0 below the norm floor, where r_j is a constant);
+// norm_grad gets Σ_j dz_ij z_ij / S_i (SphereFace's gradient through S_i).
+template <typename T, bool kSphereGrad>
+FM_CPU_CLONES void backward_slice(const Walk<T>& walk, Block<T>& blk, const Upstream<T>& up, const T* w, int64_t wr,
+                                  int64_t wd, T* dots, T* dw, int64_t ar, int64_t ad, int64_t c0, int64_t j0,
+                                  int64_t j1, T* norm_grad) {
+  const int64_t B = walk.B, K = walk.K, D = walk.D;
+  const int64_t r0 = j0 * K, r1 = j1 * K;
+  row_norms<T>(w, wr, wd, D, r0, r1, blk.w_norm.data(), blk.w_inv_norm.data());
+  const T* inv_w = blk.w_inv_norm.data();
+  T b_acc[kSliceRows];  // b of the slice's class rows
+  std::fill(b_acc, b_acc + (r1 - r0), T(0));
+  T cos[kRowTile], dcos[kRowTile], bc[kRowTile], dct[kRowTile], et[kRowTile], e[kRowTile], gl[kRowTile],
+      gs[kRowTile];
+  int32_t best[kRowTile], tl[kRowTile];
+  for (int64_t i0 = 0; i0 < B; i0 += kRowTile) {
+    const int64_t m = std::min(kRowTile, B - i0);
+    const T* inv_x = walk.x_inv_norm.data() + i0;
+    const T* s = walk.scale.data() + i0;
+    const T* lse = up.lse + i0;
+    // The targets in this slice: dcos = S dz psi'(cos), dz = g_lse p + g_target + g_sum.
+    for (int64_t ii = 0; ii < m; ++ii) {
+      const int64_t i = i0 + ii, j = walk.labels[i] - c0;
+      tl[ii] = (j >= j0 && j < j1) ? static_cast<int32_t>(j) : -1;
+      gl[ii] = up.g_lse[i];
+      gs[ii] = up.g_sum[i];
+      e[ii] = T(0);
+      dct[ii] = et[ii] = T(0);
+      if (tl[ii] >= 0) {
+        T c;
+        int32_t b;
+        class_cosines(dots + j * K * B + i, B, K, inv_w + j * K, inv_x + ii, 1, &c, &b);
+        const MarginParams<T> margin = walk.margin(i);
+        const T zc = psi(c, margin, walk.flags);
+        const T dz = gl[ii] * vexp(s[ii] * zc - lse[ii]) + up.g_target[i] + gs[ii];
+        et[ii] = dz * zc;
+        dct[ii] = s[ii] * dz * psi_grad(c, margin, walk.flags);
+      }
+    }
+    for (int64_t j = j0; j < j1; ++j) {
+      T* d = dots + j * K * B + i0;
+      const int32_t j32 = static_cast<int32_t>(j);
+      class_cosines(d, B, K, inv_w + j * K, inv_x, m, cos, best);
+      if (K == 1) {
+        const T r = inv_w[j];
+        T b = T(0);
+#pragma omp simd reduction(+ : b)
+        for (int64_t ii = 0; ii < m; ++ii) {
+          const T c = cos[ii];
+          const T dz = gl[ii] * vexp(s[ii] * c - lse[ii]) + gs[ii];
+          const bool t = tl[ii] == j32;
+          const T dc = t ? dct[ii] : s[ii] * dz;
+          b += dc * c;
+          d[ii] = dc * r;
+          if (kSphereGrad) e[ii] += t ? et[ii] : dz * c;
+        }
+        b_acc[j - j0] += b;
+        continue;
+      }
+#pragma omp simd
+      for (int64_t ii = 0; ii < m; ++ii) {
+        const T c = cos[ii];
+        const T dz = gl[ii] * vexp(s[ii] * c - lse[ii]) + gs[ii];
+        const bool t = tl[ii] == j32;
+        const T dc = t ? dct[ii] : s[ii] * dz;
+        dcos[ii] = dc;
+        bc[ii] = dc * c;
+        if (kSphereGrad) e[ii] += t ? et[ii] : dz * c;
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        const T r = inv_w[j * K + k];
+        const int32_t k32 = static_cast<int32_t>(k);
+        T* dk = d + k * B;
+        T b = T(0);
+#pragma omp simd reduction(+ : b)
+        for (int64_t ii = 0; ii < m; ++ii) {
+          const bool here = best[ii] == k32;
+          dk[ii] = here ? dcos[ii] * r : T(0);
+          b += here ? bc[ii] : T(0);
+        }
+        b_acc[j * K + k - r0] += b;
+      }
+    }
+    if (kSphereGrad) {
+      for (int64_t ii = 0; ii < m; ++ii) norm_grad[i0 + ii] += e[ii];
+    }
+  }
+  // dw's rows of the slice start at their radial term.
+  for (int64_t r = r0; r < r1; ++r) {
+    b_acc[r - r0] = blk.w_norm[r] < T(kNormEps) ? T(0) : -b_acc[r - r0] * inv_w[r] * inv_w[r];
+  }
+  if (wd == 1 && ad == 1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T f = b_acc[r - r0];
+      const T* wp = w + r * wr;
+      T* g = dw + r * ar;
+#pragma omp simd
+      for (int64_t dd = 0; dd < D; ++dd) g[dd] = wp[dd] * f;
+    }
+  } else {  // a W.t() layout: down the columns, contiguous in r
+    for (int64_t dd = 0; dd < D; ++dd) {
+#pragma omp simd
+      for (int64_t r = r0; r < r1; ++r) dw[r * ar + dd * ad] = w[r * wr + dd * wd] * b_acc[r - r0];
+    }
+  }
+}
+
+// dx_i = (dx̂_i - x̂_i <x̂_i, dx̂_i>) / n_i, plus SphereFace's s * norm_grad_i * x_i / n_i, for
+// the rows [i0, i1), in place over dx̂ (B, D contiguous).
+template <typename T>
+FM_CPU_CLONES void finish_dx(const Walk<T>& walk, const T* x_hat, const T* x, const T* norm_grad, T* g, int64_t i0,
+                             int64_t i1) {
+  const int64_t D = walk.D;
+  for (int64_t i = i0; i < i1; ++i) {
+    const T* xh = x_hat + i * D;
+    const T* xi = x + i * D;
+    T* gi = g + i * D;
+    T a = T(0);
+#pragma omp simd reduction(+ : a)
+    for (int64_t d = 0; d < D; ++d) a += xh[d] * gi[d];
+    if (walk.x_norm[i] < T(kNormEps)) a = T(0);  // below the floor the norm is a constant: no radial term
+    // d loss / d S_i times d S_i / d x_i = s x_i / ||x_i||, per unit of x_i
+    const T sphere_term = walk.sphereface() && walk.x_norm[i] > T(0)
+                              ? walk.params[kScale * walk.stride_param + i * walk.stride_row] * norm_grad[i] /
+                                    walk.x_norm[i]
+                              : T(0);
+    const T inv = walk.x_inv_norm[i];
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) gi[d] = (gi[d] - xh[d] * a) * inv + sphere_term * xi[d];
+  }
 }
 
 template <typename T>
-void backward_impl(const T* g_lse, const T* g_target, const T* g_sum, const at::Tensor& x, const at::Tensor& w,
-                   const at::Tensor& labels, const T* lse, const at::Tensor& params, const MarginFlags& flags,
-                   int64_t sub_centers, int64_t chunk, at::Tensor& dx, at::Tensor& dw) {
-  Walk<T> walk(x, w, labels, params, flags, sub_centers, chunk);
-  const int64_t B = walk.B, D = walk.D, K = walk.K, C = walk.C;
-  const at::Tensor x_inv_norm = at::from_blob(walk.x_inv_norm.data(), {B, 1}, x.options());
+void backward_impl(const Upstream<T>& up, const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
+                   const at::Tensor& params, const MarginFlags& flags, int64_t sub_centers, int64_t chunk,
+                   at::Tensor& dx, at::Tensor& dw) {
+  const Walk<T> walk(x, w, labels, params, flags, sub_centers, chunk);
+  const int64_t B = walk.B, D = walk.D, K = walk.K;
+  const at::Tensor x_inv_norm = at::from_blob(const_cast<T*>(walk.x_inv_norm.data()), {B, 1}, x.options());
   const at::Tensor x_hat = x * x_inv_norm;
-  at::Tensor dx_hat = at::zeros({B, D}, x.options());
-  std::vector<T> norm_grad(B, T(0));  // Σ_j dz_ij z_ij / S_i: SphereFace's d loss / d S_i / s
+  // Each part's dX̂ and Σ_j dz_ij z_ij / S_i (SphereFace), summed over the parts in order.
+  at::Tensor dx_parts = at::empty({walk.parts, B, D}, x.options());
+  std::vector<T> norm_grad_parts(walk.sphereface() ? walk.parts * B : 0, T(0));
   const bool same_dtype = w.scalar_type() == x.scalar_type();
-  at::Tensor dw_buffer = same_dtype ? at::Tensor() : at::empty({walk.chunk * K, D}, x.options());
 
-  // With G = dcos / r (columns scaled by 1 / r_j): dx̂ = Σ_j dcos_ij ŵ_j = G @ W, and
-  // A = Gᵀ @ X̂ holds A_j = dŵ_j / r_j. Then dw_j = (dŵ_j - ŵ_j <ŵ_j, dŵ_j>) / r_j
-  // = A_j - w_j <w_j, A_j> / r_j²: no normalised copy of W is ever made.
-  for (int64_t c0 = 0; c0 < C; c0 += walk.chunk) {
-    const int64_t n = std::min(walk.chunk, C - c0), rows = n * K;
-    const at::Tensor w_block = w.narrow(0, c0 * K, rows).to(x.scalar_type());
-    T* dcos = walk.load_block(x, w_block, n);
-    at::parallel_for(0, B, grain(n * K), [&](int64_t i0, int64_t i1) {
-      RowScratch<T> scratch(n);
-      for (int64_t i = i0; i < i1; ++i) {
-        norm_grad[i] += backward_row(walk, dcos + i * rows, i, c0, n, g_lse[i], g_target[i], g_sum[i], lse[i],
-                                     scratch);
+  // With G = dcos / r (DESIGN §3; rows of classes, columns of the batch): dx̂ = Gᵀ @ W and
+  // G @ X̂ holds dŵ_j / r_j; dw_j = dŵ_j / r_j - w_j b_j / r_j², its second term written by
+  // the slices before the GEMM adds the first (beta 1): no normalised copy of W is made.
+  walk.for_each_part([&](int64_t p) {
+    Block<T> blk(walk, x.options());
+    at::Tensor dx_hat = dx_parts[p];
+    at::Tensor dw_buffer = same_dtype ? at::Tensor() : at::empty({walk.chunk * K, D}, x.options());
+    for (int64_t c0 = walk.part_begin(p), end = walk.part_begin(p + 1); c0 < end; c0 += walk.chunk) {
+      const int64_t n = std::min(walk.chunk, end - c0), rows = n * K;
+      const at::Tensor w_block = w.narrow(0, c0 * K, rows).to(x.scalar_type());
+      T* g = blk.load(x, w_block);
+      at::Tensor dw_block = same_dtype ? dw.narrow(0, c0 * K, rows) : dw_buffer.narrow(0, 0, rows);
+      const T* wp = w_block.data_ptr<T>();
+      T* dwp = dw_block.data_ptr<T>();
+      const int64_t wr = w_block.stride(0), wd = w_block.stride(1), ar = dw_block.stride(0), ad = dw_block.stride(1);
+      for (int64_t j0 = 0; j0 < n; j0 += walk.slice_classes) {
+        const int64_t j1 = std::min(n, j0 + walk.slice_classes);
+        if (walk.sphereface()) {
+          backward_slice<T, true>(walk, blk, up, wp, wr, wd, g, dwp, ar, ad, c0, j0, j1,
+                                  norm_grad_parts.data() + p * B);
+        } else {
+          backward_slice<T, false>(walk, blk, up, wp, wr, wd, g, dwp, ar, ad, c0, j0, j1, nullptr);
+        }
       }
-    });
-    const at::Tensor g_block = walk.dots.narrow(0, 0, B * rows).view({B, rows});
-    dx_hat.addmm_(g_block, w_block);
-    at::Tensor dw_block = same_dtype ? dw.narrow(0, c0 * K, rows) : dw_buffer.narrow(0, 0, rows);
-    at::mm_out(dw_block, g_block.t(), x_hat);
-    remove_radial(walk, w_block, dw_block);
-    if (!same_dtype) dw.narrow(0, c0 * K, rows).copy_(dw_block);
+      const at::Tensor g_block = blk.dots.narrow(0, 0, rows * B).view({rows, B});
+      if (c0 == walk.part_begin(p)) {
+        at::mm_out(dx_hat, g_block.t(), w_block);
+      } else {
+        dx_hat.addmm_(g_block.t(), w_block);
+      }
+      dw_block.addmm_(g_block, x_hat);
+      if (!same_dtype) dw.narrow(0, c0 * K, rows).copy_(dw_block);
+    }
+  });
+  at::Tensor dx_hat = dx_parts[0];
+  for (int64_t p = 1; p < walk.parts; ++p) dx_hat.add_(dx_parts[p]);
+  std::vector<T> norm_grad(B, T(0));
+  for (int64_t p = 0; p < static_cast<int64_t>(norm_grad_parts.size()) / std::max<int64_t>(1, B); ++p) {
+    for (int64_t i = 0; i < B; ++i) norm_grad[i] += norm_grad_parts[p * B + i];
   }
-  // dx_i = (dx̂_i - x̂_i <x̂_i, dx̂_i>) / n_i, plus SphereFace's s * norm_grad_i * x_i / n_i.
   const T* xh = x_hat.data_ptr<T>();
   const T* xp = x.data_ptr<T>();
-  T* g = dx_hat.data_ptr<T>();
-  at::parallel_for(0, B, grain(D), [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      T a = T(0);
-      for (int64_t d = 0; d < D; ++d) a += xh[i * D + d] * g[i * D + d];
-      if (walk.x_norm[i] < T(kNormEps)) a = T(0);
-      // d loss / d S_i times d S_i / d x_i = s x_i / ||x_i||, per unit of x_i
-      const T sphere_term = walk.sphereface() && walk.x_norm[i] > T(0)
-                                ? walk.params[kScale * walk.stride_param + i * walk.stride_row] * norm_grad[i] /
-                                      walk.x_norm[i]
-                                : T(0);
-      const T inv = walk.x_inv_norm[i];
-      for (int64_t d = 0; d < D; ++d)
-        g[i * D + d] = (g[i * D + d] - xh[i * D + d] * a) * inv + sphere_term * xp[i * D + d];
-    }
-  });
+  T* gp = dx_hat.data_ptr<T>();
+  at::parallel_for(0, B, grain(D), [&](int64_t i0, int64_t i1) { finish_dx(walk, xh, xp, norm_grad.data(), gp, i0, i1); });
   // dx like x (its strides when dense, as the fake implementation promises).
-  if (dx.is_contiguous() && dx.scalar_type() == dx_hat.scalar_type()) {
+  if (dx.is_contiguous() && dx.scalar_type() == dx_hat.scalar_type() && walk.parts == 1) {
     dx = dx_hat;
   } else {
     dx.copy_(dx_hat);
@@ -381,12 +567,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_ce_cpu_forward(const at::T
                                                                      const at::Tensor& labels,
                                                                      const at::Tensor& params, const MarginFlags& flags,
                                                                      int64_t sub_centers, int64_t chunk) {
-  const at::Tensor xc = x.to(params.scalar_type()).contiguous();
+  // Detached: the parts run on threads that do not share this one's dispatch state, where
+  // an out= GEMM on a tensor that requires grad would raise.
+  const at::Tensor xc = x.detach().to(params.scalar_type()).contiguous();
   at::Tensor lse = at::empty({x.size(0)}, xc.options());
   at::Tensor z_target = at::empty({x.size(0)}, xc.options());
   at::Tensor z_sum = at::empty({x.size(0)}, xc.options());
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "margin_ce_cpu_forward", [&] {
-    forward_impl<scalar_t>(xc, w, labels.contiguous(), params, flags, sub_centers, chunk, lse.data_ptr<scalar_t>(),
+    forward_impl<scalar_t>(xc, w.detach(), labels.contiguous(), params, flags, sub_centers, chunk, lse.data_ptr<scalar_t>(),
                            z_target.data_ptr<scalar_t>(), z_sum.data_ptr<scalar_t>());
   });
   return {lse, z_target, z_sum};
@@ -399,7 +587,7 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_cpu_backward(const at::Tensor& grad
                                                           const MarginFlags& flags, int64_t sub_centers,
                                                           int64_t chunk) {
   const at::ScalarType type = params.scalar_type();
-  const at::Tensor xc = x.to(type).contiguous();
+  const at::Tensor xc = x.detach().to(type).contiguous();  // detached: see margin_ce_cpu_forward
   // The upstream gradient of loss.sum() arrives expanded with stride 0: copy it.
   const at::Tensor g_lse = grad_lse.to(type).contiguous();
   const at::Tensor g_target = grad_target.to(type).contiguous();
@@ -410,9 +598,9 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_cpu_backward(const at::Tensor& grad
   at::Tensor dx = at::empty_like(x);
   at::Tensor dw = at::empty_like(w);
   AT_DISPATCH_FLOATING_TYPES(type, "margin_ce_cpu_backward", [&] {
-    backward_impl<scalar_t>(g_lse.data_ptr<scalar_t>(), g_target.data_ptr<scalar_t>(), g_sum.data_ptr<scalar_t>(),
-                            xc, w, labels.contiguous(), lse_c.data_ptr<scalar_t>(), params, flags, sub_centers, chunk,
-                            dx, dw);
+    const Upstream<scalar_t> up{g_lse.data_ptr<scalar_t>(), g_target.data_ptr<scalar_t>(),
+                                g_sum.data_ptr<scalar_t>(), lse_c.data_ptr<scalar_t>()};
+    backward_impl<scalar_t>(up, xc, w.detach(), labels.contiguous(), params, flags, sub_centers, chunk, dx, dw);
   });
   return {dx, dw};
 }
