@@ -28,14 +28,17 @@ SCALE = 64.0
 
 # The fastmargin.margin_cross_entropy keyword arguments of each loss a provider computes;
 # None: no margin (plain cross-entropy of x @ W^T), the fused-CE yardsticks.
+SPHERE_M = 4
 LOSS_KWARGS = {
     "arcface": dict(m2=ARCFACE_M, scale=SCALE),
     "subcenter_arcface": dict(m2=ARCFACE_M, scale=SCALE),
     "cosface": dict(m3=COSFACE_M, scale=SCALE),
+    # SphereFace's scale is the feature norm (S_i = s * ||x_i||, s = 1), as in opensphere.
+    "sphereface": dict(sphere_m=SPHERE_M, scale=1.0),
     "ce": None,
 }
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -78,8 +81,8 @@ class Workload:
 class Provider:
     """name; build(case, device) -> Workload; which modes it times; its fastmargin backend.
 
-    loss: what it computes ('arcface', 'cosface', 'ce', 'matmul'; fastmargin backends
-    'arcface' or 'subcenter_arcface' by K). sub_centers: 'one' (K = 1 only), 'many'
+    loss: what it computes ('arcface', 'cosface', 'sphereface', 'ce', 'matmul'; fastmargin
+    backends 'arcface' or 'subcenter_arcface' by K). sub_centers: 'one' (K = 1 only), 'many'
     (K > 1 only) or 'any'. bc_tensors: how many (B, C*K) fp32-sized tensors it holds at
     its peak besides W's gradient, for the CPU memory guard (from the CPU sweep's peak_mem
     rows, rounded up: 8.2 for the reference, PML and insightface_eager, 4.3 compiled, 1.2
@@ -108,8 +111,10 @@ class Provider:
         return {"one": case.K == 1, "many": case.K > 1, "any": True}[self.sub_centers]
 
     def estimate_bytes(self, case: Case) -> int:
-        """Peak extra bytes, roughly: bc_tensors (B, C*K) fp32 tensors plus W's gradient."""
-        return int(self.bc_tensors * case.B * case.C * case.K * 4 + 4 * case.C * case.K * case.D)
+        """Peak extra bytes, roughly: bc_tensors (B, C*K) fp32-sized tensors plus W's gradient,
+        twice that in fp64."""
+        scale = 2 if case.torch_dtype == torch.float64 else 1
+        return int(scale * (self.bc_tensors * case.B * case.C * case.K * 4 + 4 * case.C * case.K * case.D))
 
 
 # ---- inputs -----------------------------------------------------------------------------
@@ -128,10 +133,10 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0):
 # ---- fastmargin -------------------------------------------------------------------------
 
 
-def _fastmargin(backend: str) -> Callable[[Case, torch.device], Workload]:
+def _fastmargin(backend: str, loss: str = "arcface") -> Callable[[Case, torch.device], Workload]:
     def build(case: Case, device: torch.device) -> Workload:
         x, w, labels = make_inputs(case, device)
-        kwargs = LOSS_KWARGS["arcface"]
+        kwargs = LOSS_KWARGS[loss]
 
         def forward() -> torch.Tensor:
             return fastmargin.margin_cross_entropy(x, w, labels, sub_centers=case.K, backend=backend, **kwargs)
@@ -307,6 +312,13 @@ def all_providers() -> list[Provider]:
         Provider(f"fastmargin:{name}", _fastmargin(name), backend=name, sub_centers="any",
                  bc_tensors=9.0 if name == "reference" else 0.5, unavailable=_fastmargin_reason(name))
         for name in backends.BACKENDS
+    ]
+    # The other margins on the CPU kernel: CosFace (no angle) and SphereFace (per-row scale,
+    # Chebyshev target), so the CPU sweep covers each branch of its element pass.
+    providers += [
+        Provider(f"fastmargin:cpu:{loss}", _fastmargin("cpu", loss), backend="cpu", loss=loss, bc_tensors=0.5,
+                 unavailable=_fastmargin_reason("cpu"))
+        for loss in ("cosface", "sphereface")
     ]
     providers += [
         Provider("pml:ArcFaceLoss", _pml("ArcFaceLoss", math.degrees(ARCFACE_M)), bc_tensors=9.0,

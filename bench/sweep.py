@@ -1,6 +1,7 @@
 """The sweeps (shapes, device, measuring budget) and the one command that runs each.
 
     python -m bench.sweep --sweep cpu                 # CPU sweep, < 10 min on 2 cores
+    python -m bench.sweep --sweep cpu64               # the same shapes in fp64
     python -m bench.sweep --sweep gpu --out DIR       # GPU sweep (bench/gpu_check.sh runs it)
 
 Each runs bench/bench_margin_ce.py under pytest-benchmark, appends the rows to
@@ -44,11 +45,20 @@ def _by_size(cases: list[Case]) -> tuple[Case, ...]:
 
 
 SWEEPS = {
-    # ArcFace, fp32. The K = 3 case is sub-center ArcFace (fastmargin and PML's class).
+    # ArcFace (and, on fastmargin's CPU kernel, CosFace and SphereFace), fp32. The K = 3 case
+    # is sub-center ArcFace (fastmargin and PML's class).
     "cpu": Sweep(
         device="cpu",
         cases=_by_size([Case(256, c, 512) for c in (10_000, 50_000, 200_000)]
                        + [Case(1024, 50_000, 512), Case(256, 10_000, 512, K=3)]),
+        settings=dict(warmup=0, budget_s=1.5, min_repeats=3, max_repeats=30, step_limit_s=25.0),
+    ),
+    # The same shapes in fp64, against fp64 GEMMs (the floor and the matmul rate take the
+    # case's dtype).
+    "cpu64": Sweep(
+        device="cpu",
+        cases=_by_size([Case(256, c, 512, 1, "fp64") for c in (10_000, 50_000, 200_000)]
+                       + [Case(1024, 50_000, 512, 1, "fp64"), Case(256, 10_000, 512, 3, "fp64")]),
         settings=dict(warmup=0, budget_s=1.5, min_repeats=3, max_repeats=30, step_limit_s=25.0),
     ),
     "gpu": Sweep(
