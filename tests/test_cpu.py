@@ -1,8 +1,8 @@
 """What only the fused CPU backend (csrc/cpu/margin_ce.cpp, backend='cpu') has: it is built
 into fastmargin._C (these tests skip, saying why, where it is not), 'auto' picks it on a
-CPU, and its results are bitwise equal run to run at a fixed thread count and equal to
-rounding across thread counts (ATen's GEMM, which it calls per class block, blocks by the
-number of threads).
+CPU, chunk_size is the class block of its walk, and its results are bitwise equal run to
+run at a fixed thread count and equal to rounding across thread counts (ATen's GEMM, which
+it calls per class block, blocks by the number of threads).
 
 Its results against the reference (every margin, option, chunk size, edge, layout and
 dtype, gradcheck, opcheck, compile): tests/test_backends.py, which runs on every backend.
@@ -43,6 +43,32 @@ def test_deterministic_across_runs_and_thread_counts():
     for label, a, b, c in zip(("loss", "lse", "d loss / d x", "d loss / d W"), first, again, single):
         assert_close(b, a, atol=0.0, what=f"repeated run: {label}")
         assert_rel(c, a, TOL[torch.float32], f"1 thread vs 2 (bitwise only at a fixed thread count): {label}")
+
+
+def test_chunk_is_a_block_of_classes():
+    """chunk_size is the classes of one block of the kernel's walk, capped at a thread's share
+    of the classes (csrc/cpu/margin_ce.cpp, Walk): it moves the rounding only (every chunk
+    within 1e-13 of the others in fp64), and every chunk at or above the cap, the default
+    here included (2^17 dots a block: 1771 classes of 2 rows at B = 37), is the same single
+    block at one thread, bit for bit. (Against the reference: tests/test_backends.py's
+    test_chunk_sizes.)"""
+    x, w, y = option_inputs(2, -100, [8], torch.float64)
+    kwargs = dict(sub_centers=2, label_smoothing=0.1, reduction="none", m1=1.2, m2=0.3, m3=0.2)
+    upstream = upstream_weights(len(y))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        results = {chunk: run("cpu", x, w, y, upstream, chunk_size=chunk, **kwargs)
+                   for chunk in (1, 7, 64, 1001, 4096, None)}
+    finally:
+        torch.set_num_threads(threads)
+    labels = ("loss", "lse", "d loss / d x", "d loss / d W")
+    for chunk in (4096, None):
+        for label, a, b in zip(labels, results[chunk], results[1001]):
+            assert_close(a, b, atol=0.0, what=f"chunk_size={chunk} vs 1001 = C (one block): {label}")
+    for chunk in (1, 7, 64):
+        for label, a, b in zip(labels, results[chunk], results[1001]):
+            assert_rel(a, b, 1e-13, f"chunk_size={chunk} vs one block: {label}")
 
 
 def test_auto_selects_cpu():
