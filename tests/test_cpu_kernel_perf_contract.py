@@ -1,9 +1,9 @@
 """What the CPU kernel's layout for speed (csrc/cpu/margin_ce.cpp) must keep.
 
-The kernel splits the classes into one contiguous part per thread (fewer when there is
-little work or there are fewer classes than threads), walks each part in blocks of
-`chunk` classes with single-threaded GEMMs, and merges the parts' statistics and dX̂ in
-order. These cases put the split's edges under the reference: more threads than classes,
+The kernel splits the classes into contiguous parts, four a thread (fewer when there is
+little work or there are few classes), which the threads take in turn; it walks each part
+in blocks of `chunk` classes with single-threaded GEMMs, and merges the parts' statistics
+and dX̂ in part order, whichever thread walked them. These cases put the split's edges under the reference: more threads than classes,
 parts whose sizes differ by one, blocks that do not divide a part, sub-centers across a
 part's edge, slices of 256 class rows cut by a block's end; and a rerun at 3 threads is
 bitwise equal (the merge order is fixed), while another thread count agrees to rounding.
@@ -40,12 +40,12 @@ def threads():
 
 
 # (threads, B, C, D, K, chunk). A part holds at least 2^15 logits (B * C * K of them in all),
-# so these split into min(threads, C, B * C * K / 2^15) parts: 3, 3, 3, 2, 2 and 1.
+# so these split into min(4 * threads, C, B * C * K / 2^15) parts: 3, 3, 12, 2, 2 and 1.
 SPLITS = [
     pytest.param(3, 33000, 3, 8, 1, 256, id="as-many-parts-as-classes"),
     pytest.param(4, 33000, 3, 8, 1, 256, id="more-threads-than-classes"),
-    pytest.param(3, 400, 1001, 24, 1, 64, id="parts-of-333-334-334-blocks-of-64"),
-    pytest.param(2, 300, 257, 16, 3, 100, id="sub-centers-slices-cut-by-blocks"),
+    pytest.param(3, 400, 1001, 24, 1, 64, id="twelve-parts-of-83-84-blocks-of-64"),
+    pytest.param(2, 100, 257, 16, 3, 100, id="sub-centers-slices-of-85-cut-by-blocks-of-100"),
     pytest.param(4, 37, 1001, 67, 2, 1000, id="two-parts-chunk-larger-than-a-part"),
     pytest.param(3, 16, 40, 8, 1, 7, id="too-little-work-one-part"),
 ]
@@ -71,8 +71,9 @@ def test_transposed_weight_split_into_parts(threads):
 
 
 def test_bitwise_at_a_fixed_thread_count(threads):
-    """Three parts merged in a fixed order: a rerun is equal to the bit; two threads (two
-    parts, other GEMM blocks) agree to rounding."""
+    """Twelve parts, taken by three threads in whatever order they free up, merged in part
+    order: a rerun is equal to the bit; two threads (eight parts, other GEMM blocks) agree
+    to rounding."""
     x, w, y = inputs(500, 1000, 32, 2, torch.float32)
     kwargs = dict(sub_centers=2, chunk_size=96, reduction="none", m2=0.5)
     upstream = upstream_weights(len(y))

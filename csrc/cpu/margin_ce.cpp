@@ -2,9 +2,10 @@
 // and their backward: the classes are walked in blocks of `chunk`, so nothing of size
 // B x C ever exists (DESIGN §3, the class-chunked design).
 //
-// The classes are split into one contiguous part per thread, and each thread walks its part
-// alone, block after block, with single-threaded GEMMs: one parallel region a pass and no
-// barrier inside it, since on a busy machine every barrier waits for a descheduled thread.
+// The classes are split into contiguous parts, four a thread; each thread takes the next
+// part left and walks it alone, block after block, with single-threaded GEMMs: one parallel
+// region a pass and no barrier inside it (on a busy machine every barrier waits for a
+// descheduled thread), and a thread that other work slows down takes fewer parts.
 // A block's dots are computed transposed, dotsᵀ = W_block @ xᵀ (n*K, B): class rows, batch
 // columns. Everything else about a class row then sits in that row (its norm, its K
 // sub-centers, its b_j below, its gradient row), and the element work is one pass over
@@ -22,7 +23,8 @@
 // A step is 4 GEMMs (the logits are recomputed in backward) plus that one pass per block.
 //
 // Deterministic run after run at a fixed thread count: the parts follow the thread count,
-// each part's sums run in a fixed order and the parts merge in a fixed order. Across thread
+// a part's results do not depend on which thread walked it, each part's sums run in a
+// fixed order and the parts merge in a fixed order. Across thread
 // counts the results agree to rounding, not to the bit. The slice loops are compiled per
 // instruction set (FM_CPU_CLONES), so bits may also differ between machines.
 #include "cpu/margin_ce.h"
@@ -31,6 +33,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -126,6 +129,9 @@ constexpr int64_t kRowTile = 128;
 // (and far more on a loaded machine). Small problems run on the calling thread; a part of
 // the walk (Walk) holds at least kParallelWork logits.
 constexpr int64_t kParallelWork = 1 << 15;
+// Parts of the classes a thread (Walk): on a machine shared with other work, four parts a
+// thread let a thread that runs at full speed take the parts of one that does not.
+constexpr int64_t kPartsPerThread = 4;
 inline int64_t grain(int64_t work) { return std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, work)); }
 
 // ||v_r|| and 1 / max(||v_r||, kNormEps) for the rows [r0, r1) of v (rows, dim) with strides
@@ -229,7 +235,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void bf16_dots(const uint
 // What every part of the walk shares, read-only once built.
 template <typename T>
 struct Walk {
-  int64_t B, D, C, K, chunk, slice_classes, parts;
+  int64_t B, D, C, K, chunk, slice_classes, parts, threads;
   const int64_t* labels;
   const T* params;  // (kNumParams, R): row i's margin is column i, or column 0 for all
   int64_t stride_param, stride_row;
@@ -244,10 +250,12 @@ struct Walk {
         params(params_.data_ptr<T>()), stride_param(params_.stride(0)),
         stride_row(params_.size(1) == 1 ? 0 : params_.stride(1)), flags(f), x_norm(B), x_inv_norm(B), scale(B) {
     C = w.size(0) / K;
-    // One part per thread, fewer when there is too little work to share (at least
-    // kParallelWork logits a part) or fewer classes than threads.
+    // kPartsPerThread parts a thread, taken in turn by whichever thread is free, so that a
+    // thread slowed by other work on the machine takes fewer; fewer parts when there is too
+    // little work (at least kParallelWork logits a part) or too few classes.
+    threads = std::max<int64_t>(1, at::get_num_threads());
     const int64_t work = std::max<int64_t>(1, B * C * K / kParallelWork);
-    parts = std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), work, C}));
+    parts = std::max<int64_t>(1, std::min<int64_t>({threads * (threads > 1 ? kPartsPerThread : 1), work, C}));
     chunk = std::max<int64_t>(1, std::min(chunk_, (C + parts - 1) / parts));
     slice_classes = std::max<int64_t>(1, kSliceRows / K);
     at::parallel_for(0, B, std::max<int64_t>(64, grain(D)), [&](int64_t i0, int64_t i1) {
@@ -271,24 +279,32 @@ struct Walk {
   // Part p's classes: [part_begin(p), part_begin(p + 1)).
   int64_t part_begin(int64_t p) const { return C * p / parts; }
 
-  // Runs body(p) for every part, in parallel; each part is walked by one thread.
-  template <typename F>
-  void for_each_part(const F& body) const {
-    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) body(p);
+  // Runs body(state, p) for every part, in parallel: each thread makes one state with
+  // make_state() and takes the next part not yet taken until none is left. A part's
+  // results must depend on p alone (not on the thread, nor on the state's earlier use).
+  template <typename MakeState, typename F>
+  void for_each_part(const MakeState& make_state, const F& body) const {
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min(threads, parts), 1, [&](int64_t, int64_t) {
+      auto state = make_state();
+      for (int64_t p = next++; p < parts; p = next++) body(state, p);
     });
   }
 };
 
-// One part's buffers: the block's dotsᵀ (then its G) and its W rows' norms.
+// A thread's buffers for the blocks of its parts: the block's dotsᵀ (then its G), its W
+// rows' norms, and (dw_cols > 0) the block's dw in the compute dtype, where W's is coarser.
 template <typename T>
 struct Block {
   at::Tensor dots;  // (chunk * K * B,)
   std::vector<T> w_norm, w_inv_norm;  // (chunk * K,)
+  at::Tensor dw_buffer;               // (chunk * K, dw_cols) or undefined
 
-  Block(const Walk<T>& walk, const at::TensorOptions& options)
+  Block(const Walk<T>& walk, const at::TensorOptions& options, int64_t dw_cols = 0)
       : dots(at::empty({walk.chunk * walk.K * walk.B}, options)), w_norm(walk.chunk * walk.K),
-        w_inv_norm(walk.chunk * walk.K) {}
+        w_inv_norm(walk.chunk * walk.K) {
+    if (dw_cols > 0) dw_buffer = at::empty({walk.chunk * walk.K, dw_cols}, options);
+  }
 
   // Computes the block's dotsᵀ (n*K, B) = w_block @ xᵀ, single-threaded inside a part:
   // w_block in the compute dtype, w_src the same rows as the caller's W holds them.
@@ -424,8 +440,8 @@ void forward_impl(const at::Tensor& x, const at::Tensor& x_in, const at::Tensor&
   const int64_t B = walk.B, K = walk.K;
   std::vector<PartStats<T>> stats(walk.parts, PartStats<T>(B));
   std::fill(z_target, z_target + B, T(0));
-  walk.for_each_part([&](int64_t p) {
-    Block<T> blk(walk, x.options());
+  const auto make_block = [&] { return Block<T>(walk, x.options()); };
+  walk.for_each_part(make_block, [&](Block<T>& blk, int64_t p) {
     for (int64_t c0 = walk.part_begin(p), end = walk.part_begin(p + 1); c0 < end; c0 += walk.chunk) {
       const int64_t n = std::min(walk.chunk, end - c0);
       const at::Tensor w_src = w.narrow(0, c0 * K, n * K), w_block = w_src.to(x.scalar_type());
@@ -608,10 +624,10 @@ void backward_impl(const Upstream<T>& up, const at::Tensor& x, const at::Tensor&
   // With G = dcos / r (DESIGN §3; rows of classes, columns of the batch): dx̂ = Gᵀ @ W and
   // G @ X̂ holds dŵ_j / r_j; dw_j = dŵ_j / r_j - w_j b_j / r_j², its second term written by
   // the slices before the GEMM adds the first (beta 1): no normalised copy of W is made.
-  walk.for_each_part([&](int64_t p) {
-    Block<T> blk(walk, x.options());
+  const auto make_block = [&] { return Block<T>(walk, x.options(), same_dtype ? 0 : D); };
+  walk.for_each_part(make_block, [&](Block<T>& blk, int64_t p) {
     at::Tensor dx_hat = dx_parts[p];
-    at::Tensor dw_buffer = same_dtype ? at::Tensor() : at::empty({walk.chunk * K, D}, x.options());
+    const at::Tensor& dw_buffer = blk.dw_buffer;
     for (int64_t c0 = walk.part_begin(p), end = walk.part_begin(p + 1); c0 < end; c0 += walk.chunk) {
       const int64_t n = std::min(walk.chunk, end - c0), rows = n * K;
       const at::Tensor w_src = w.narrow(0, c0 * K, rows), w_block = w_src.to(x.scalar_type());

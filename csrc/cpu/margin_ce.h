@@ -15,8 +15,10 @@ namespace fastmargin {
 // where a label outside [0, C) means "no target column here" (an ignored row, or a target
 // on another rank's shard): no margin, z_target 0. params (kNumParams, 1 or B), the
 // lowered margin (fastmargin.margins.lower) in the compute dtype, which the kernel computes
-// in; chunk: classes per block of the walk over the classes. The inputs are checked by the
-// op (fastmargin/fused.py). Returns (lse, z_target, z_sum), each (B,) in the compute dtype.
+// in; chunk: classes per block of the walk over the classes (each thread walks its own
+// share of the classes with a block of its own: O(threads * B * chunk * K) extra memory).
+// The inputs are checked by the op (fastmargin/fused.py). Returns (lse, z_target, z_sum),
+// each (B,) in the compute dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_ce_cpu_forward(const at::Tensor& x, const at::Tensor& w,
                                                                      const at::Tensor& labels,
                                                                      const at::Tensor& params, const MarginFlags& flags,
