@@ -32,14 +32,14 @@
 
 namespace {
 
-// fastmargin.margins.Margin.flags: (kind, sphere_m, clamp_theta, detached).
+// fastmargin.margins.Margin.flags: (kind, sphere_m, nontarget, detached).
 fastmargin::MarginFlags margin_flags(const std::vector<int64_t>& flags) {
-  TORCH_CHECK(flags.size() == 4, "fastmargin: margin flags are (kind, sphere_m, clamp_theta, detached), got ",
+  TORCH_CHECK(flags.size() == 4, "fastmargin: margin flags are (kind, sphere_m, nontarget, detached), got ",
               flags.size(), " values");
   fastmargin::MarginFlags f;
   f.kind = static_cast<int>(flags[0]);
   f.sphere_m = static_cast<int>(flags[1]);
-  f.clamp_theta = flags[2] != 0;
+  f.nontarget = flags[2] != 0;
   f.detached = flags[3] != 0;
   return f;
 }
@@ -62,29 +62,31 @@ std::tuple<at::Tensor, at::Tensor> cpu_backward(const at::Tensor& grad_lse, cons
                                             margin_flags(flags), sub_centers, chunk);
 }
 
-// psi and psi' of csrc/margin.h (the code the CPU and CUDA kernels run) on a CPU tensor of
-// cosines, in params' dtype, with column 0 of params: tests/test_margin_math.py holds it to
-// the PyTorch and Triton twins.
-std::tuple<at::Tensor, at::Tensor> margin_math(const at::Tensor& cos, const at::Tensor& params,
-                                               const std::vector<int64_t>& flags) {
+// psi, psi', the non-target transform and its derivative of csrc/margin.h (the code the
+// CPU and CUDA kernels run) on a CPU tensor of cosines, in params' dtype, with column 0 of
+// params: tests/test_margin_math.py holds them to the PyTorch and Triton twins.
+std::vector<at::Tensor> margin_math(const at::Tensor& cos, const at::Tensor& params, const std::vector<int64_t>& flags) {
   TORCH_CHECK(cos.device().is_cpu() && params.device().is_cpu() && params.dim() == 2 &&
                   params.size(0) == fastmargin::kNumParams,
               "fastmargin margin_math: CPU tensors, params (", fastmargin::kNumParams, ", R)");
   const fastmargin::MarginFlags f = margin_flags(flags);
   const at::Tensor c = cos.to(params.scalar_type()).contiguous();
-  at::Tensor value = at::empty_like(c), grad = at::empty_like(c);
+  std::vector<at::Tensor> out;
+  for (int i = 0; i < 4; ++i) out.push_back(at::empty_like(c));
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "margin_math", [&] {
     const at::Tensor p = params.contiguous();
     const auto m = fastmargin::margin_row(p.data_ptr<scalar_t>(), p.stride(0), int64_t(0), int64_t(0));
     const scalar_t* in = c.data_ptr<scalar_t>();
-    scalar_t* v = value.data_ptr<scalar_t>();
-    scalar_t* g = grad.data_ptr<scalar_t>();
+    scalar_t* v[4];
+    for (int k = 0; k < 4; ++k) v[k] = out[k].data_ptr<scalar_t>();
     for (int64_t i = 0; i < c.numel(); ++i) {
-      v[i] = fastmargin::psi(in[i], m, f);
-      g[i] = fastmargin::psi_grad(in[i], m, f);
+      v[0][i] = fastmargin::psi(in[i], m, f);
+      v[1][i] = fastmargin::psi_grad(in[i], m, f);
+      v[2][i] = fastmargin::nontarget(in[i], m);
+      v[3][i] = fastmargin::nontarget_grad(in[i], m);
     }
   });
-  return {value, grad};
+  return out;
 }
 
 // The enums the kernels share with fastmargin/margins.py (kind, params' rows), by name.
@@ -94,12 +96,15 @@ pybind11::dict margin_layout() {
   kinds["ARC"] = int(fastmargin::kArc);
   kinds["COMBINED"] = int(fastmargin::kCombined);
   kinds["SPHERE"] = int(fastmargin::kSphere);
-  const char* names[] = {"scale", "m1", "m2", "m3", "sphere_lambda", "cos_m2", "sin_m2", "cos_theta_limit",
-                         "fallback_shift", "cos_lo", "cos_hi"};
+  const char* names[] = {"scale", "m1", "m2", "m3", "sphere_lambda", "cos_m2", "sin_m2", "cos_lo", "cos_hi",
+                         "clamp_grad", "cos_theta_limit", "beyond_slope", "beyond_shift", "top_limit", "top_value",
+                         "nt_lo", "nt_hi", "nt_a0", "nt_a1", "nt_a2"};
   static_assert(sizeof(names) / sizeof(names[0]) == fastmargin::kNumParams, "one name a param");
-  const int rows[] = {fastmargin::kScale, fastmargin::kM1, fastmargin::kM2, fastmargin::kM3,
-                      fastmargin::kSphereLambda, fastmargin::kCosM2, fastmargin::kSinM2, fastmargin::kCosThetaLimit,
-                      fastmargin::kFallbackShift, fastmargin::kCosLo, fastmargin::kCosHi};
+  namespace fm = fastmargin;
+  const int rows[] = {fm::kScale, fm::kM1, fm::kM2, fm::kM3, fm::kSphereLambda, fm::kCosM2, fm::kSinM2,
+                      fm::kCosLo, fm::kCosHi, fm::kClampGrad, fm::kCosThetaLimit, fm::kBeyondSlope,
+                      fm::kBeyondShift, fm::kTopLimit, fm::kTopValue, fm::kNtLo, fm::kNtHi, fm::kNtA0,
+                      fm::kNtA1, fm::kNtA2};
   for (int i = 0; i < fastmargin::kNumParams; ++i) params[names[i]] = rows[i];
   pybind11::dict layout;
   layout["kinds"] = kinds;
@@ -302,7 +307,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Fused margin logits' row statistics on the CPU: (lse, z_target, z_sum), each (B,) (csrc/cpu/margin_ce.h).");
   m.def("cpu_backward", &cpu_backward,
         "Their backward: (dx, dw) from the statistics' gradients (csrc/cpu/margin_ce.h).");
-  m.def("margin_math", &margin_math, "psi and psi' of csrc/margin.h on a CPU tensor of cosines: (psi, psi').");
+  m.def("margin_math", &margin_math, "psi, psi', the non-target transform and its derivative of csrc/margin.h on a CPU "
+        "tensor of cosines: [psi, psi', nontarget, nontarget'].");
   m.def("margin_layout", &margin_layout, "csrc/margin.h's Kind and Param values by name.");
   m.def("cuda_launch_plan", &cuda_launch_plan,
         "The CUDA kernels' launch plan (csrc/cuda/launch_plan.h) as a dict: operand, tiles, grids, splits, "

@@ -1,4 +1,5 @@
-"""The margin math of docs/design.md §1 and §3 as Triton jit helpers: psi (the target transform) and psi'.
+"""The margin math of docs/design.md §1 and §3 as Triton jit helpers: psi (the target transform), psi'
+and the non-target transform.
 
 fastmargin/margins.py (PyTorch, the oracle's) and csrc/margin.h (C++/CUDA) compute the same
 expressions with the same branches; tests/test_margin_math.py holds the three to each other.
@@ -22,7 +23,8 @@ ADDITIVE, ARC, COMBINED, SPHERE = (tl.constexpr(k) for k in (margins.ADDITIVE, m
                                                              margins.SPHERE))
 
 # Rows of the params tensor (fastmargin.margins.PARAMS).
-P_SCALE, P_M1, P_M2, P_M3, P_LAMBDA, P_COS_M2, P_SIN_M2, P_COS_LIMIT, P_SHIFT, P_COS_LO, P_COS_HI = (
+(P_SCALE, P_M1, P_M2, P_M3, P_LAMBDA, P_COS_M2, P_SIN_M2, P_COS_LO, P_COS_HI, P_CLAMP_GRAD, P_COS_LIMIT, P_SLOPE,
+ P_SHIFT, P_TOP_LIMIT, P_TOP_VALUE, P_NT_LO, P_NT_HI, P_NT_A0, P_NT_A1, P_NT_A2) = (
     tl.constexpr(margins.PARAMS.index(name)) for name in margins.PARAMS
 )
 PI = tl.constexpr(math.pi)
@@ -120,8 +122,9 @@ def _sin_theta(c):
 
 
 @triton.jit
-def psi(cos, prow, stride_pp, KIND: tl.constexpr, SPHERE_M: tl.constexpr, CLAMP_THETA: tl.constexpr):
-    """psi(cos) of each row's cosine (BLOCK_B,) (fastmargin.margins.psi's value)."""
+def psi(cos, prow, stride_pp, KIND: tl.constexpr, SPHERE_M: tl.constexpr):
+    """psi(cos) of each row's cosine (BLOCK_B,) (fastmargin.margins.target_value): every theta
+    policy is numbers in params (the line below cos_theta_limit, top_value above top_limit)."""
     m3 = param(prow, stride_pp, P_M3)
     if KIND == ADDITIVE:
         return cos - m3
@@ -135,29 +138,51 @@ def psi(cos, prow, stride_pp, KIND: tl.constexpr, SPHERE_M: tl.constexpr, CLAMP_
         inside = c * param(prow, stride_pp, P_COS_M2) - _sin_theta(c) * param(prow, stride_pp, P_SIN_M2)
     else:
         inside = tl.cos(param(prow, stride_pp, P_M1) * acos(c) + param(prow, stride_pp, P_M2))
-    if CLAMP_THETA:
-        beyond = tl.full(c.shape, -1.0, c.dtype)
-    else:
-        beyond = c - param(prow, stride_pp, P_SHIFT)
-    return tl.where(c < param(prow, stride_pp, P_COS_LIMIT), beyond, inside) - m3
+    top = tl.where(c > param(prow, stride_pp, P_TOP_LIMIT), param(prow, stride_pp, P_TOP_VALUE), inside)
+    beyond = param(prow, stride_pp, P_SLOPE) * c - param(prow, stride_pp, P_SHIFT)
+    return tl.where(c < param(prow, stride_pp, P_COS_LIMIT), beyond, top) - m3
 
 
 @triton.jit
-def psi_grad(cos, prow, stride_pp, KIND: tl.constexpr, SPHERE_M: tl.constexpr, CLAMP_THETA: tl.constexpr,
-             DETACHED: tl.constexpr):
-    """psi'(cos) of each row's cosine, in closed form (docs/design.md §3; fastmargin.margins.psi_grad)."""
+def psi_grad(cos, prow, stride_pp, KIND: tl.constexpr, SPHERE_M: tl.constexpr, DETACHED: tl.constexpr):
+    """psi'(cos) of each row's cosine, in closed form (docs/design.md §3; fastmargin.margins.target_grad);
+    outside [cos_lo, cos_hi] the clamp passes clamp_grad times it (1: straight-through)."""
     if DETACHED or KIND == ADDITIVE:
         return tl.full(cos.shape, 1.0, cos.dtype)
     c = clamp_cos(cos, prow, stride_pp)
+    outside = (cos < param(prow, stride_pp, P_COS_LO)) | (cos > param(prow, stride_pp, P_COS_HI))
+    gate = tl.where(outside, param(prow, stride_pp, P_CLAMP_GRAD), 1.0)
     if KIND == SPHERE:
         _t, u = _chebyshev_t_u(c, SPHERE_M)
         sign, _k = _sphere_sign_k(c, SPHERE_M)
         lam = param(prow, stride_pp, P_LAMBDA)
-        return (lam + SPHERE_M * sign * u) / (1.0 + lam)
+        return gate * (lam + SPHERE_M * sign * u) / (1.0 + lam)
     if KIND == ARC:  # sin(theta + m2) / sin(theta) = cos(m2) + sin(m2) c / sin(theta)
         inside = param(prow, stride_pp, P_COS_M2) + param(prow, stride_pp, P_SIN_M2) * c / _sin_theta(c)
     else:
         m1 = param(prow, stride_pp, P_M1)
         inside = m1 * tl.sin(m1 * acos(c) + param(prow, stride_pp, P_M2)) / _sin_theta(c)
-    beyond = 0.0 if CLAMP_THETA else 1.0
-    return tl.where(c < param(prow, stride_pp, P_COS_LIMIT), beyond, inside)
+    top = tl.where(c > param(prow, stride_pp, P_TOP_LIMIT), 0.0, inside)
+    return gate * tl.where(c < param(prow, stride_pp, P_COS_LIMIT), param(prow, stride_pp, P_SLOPE), top)
+
+
+@triton.jit
+def nontarget_rows(prow, stride_pp):
+    """Each row's (nt_lo, nt_hi, nt_a0, nt_a1, nt_a2), (BLOCK_B, 1) each: loaded once a row
+    block, outside the class loop, for nontarget and nontarget_grad."""
+    return (param(prow, stride_pp, P_NT_LO)[:, None], param(prow, stride_pp, P_NT_HI)[:, None],
+            param(prow, stride_pp, P_NT_A0)[:, None], param(prow, stride_pp, P_NT_A1)[:, None],
+            param(prow, stride_pp, P_NT_A2)[:, None])
+
+
+@triton.jit
+def nontarget(c, lo, hi, a0, a1, a2):
+    """The non-target transform of a tile of cosines (fastmargin.margins.nontarget_value):
+    a0 + c (a1 + a2 c) above hi, lo below lo, else c; NaN stays NaN."""
+    return tl.where(c > hi, a0 + c * (a1 + a2 * c), tl.where(c < lo, lo, c))
+
+
+@triton.jit
+def nontarget_grad(c, lo, hi, a0, a1, a2):
+    """d nontarget / dc (fastmargin.margins.nontarget_grad)."""
+    return tl.where(c > hi, a1 + 2.0 * a2 * c, tl.where(c < lo, 0.0, 1.0))
