@@ -62,6 +62,18 @@ def test_parts_and_blocks_against_the_reference(threads, n_threads, B, C, D, K, 
     check_against_reference(x, w, y, TOL[dtype], what=f"{n_threads} threads", backend="cpu", **kwargs)
 
 
+@pytest.mark.parametrize("K", [1, 3])
+def test_row_nontarget_params_across_row_tiles(threads, K):
+    """CurricularFace's threshold differs row by row, and the kernel loads each row's
+    non-target numbers once a tile of 128 rows: 300 rows are three tiles, in 2 parts. Every
+    row has a target (an ignored row's threshold is the caller's convention)."""
+    threads(2)
+    x, w, y = inputs(300, 500, 24, K, torch.float64)
+    y = y.abs() % 500
+    check_against_reference(x, w, y, TOL[torch.float64], what=f"curricular K={K}", backend="cpu", sub_centers=K,
+                            chunk_size=64, reduction="none", label_smoothing=0.1, m2=0.5, curricular_t=0.3)
+
+
 def test_transposed_weight_split_into_parts(threads):
     """PML's W.t() layout: each part reads and writes its rows down the columns."""
     threads(3)

@@ -12,7 +12,8 @@
 // slices of class rows, vectorised along the batch, while the block is still in cache:
 //
 //   forward: the W rows' norms; cos = dot / (||x|| ||w||) (max over the K sub-centers), psi
-//   on the target, z = S cos; each slice's row max, then Σ exp(z - max) merged into the
+//   on the target, z = S cos (S nontarget(cos) under flags.nontarget, the row's numbers
+//   loaded once a row tile); each slice's row max, then Σ exp(z - max) merged into the
 //   part's running log-sum-exp; the parts merge in order at the end.
 //   backward: the same logits, dcos (DESIGN §3) written over the dots as G = dcos / r (the
 //   column scaling both GEMMs want), b_j = Σ_i dcos_ij cos_ij, and dw's rows started at
@@ -275,6 +276,7 @@ struct Walk {
   bool sphereface() const { return flags.kind == kSphere; }
 
   MarginParams<T> margin(int64_t i) const { return margin_row(params, stride_param, stride_row, i); }
+  T param(int k, int64_t i) const { return params[k * stride_param + i * stride_row]; }
 
   // Part p's classes: [part_begin(p), part_begin(p + 1)).
   int64_t part_begin(int64_t p) const { return C * p / parts; }
@@ -322,6 +324,25 @@ struct Block {
     at::mm_out(out, w_block, x.t());
     return out.data_ptr<T>();
   }
+};
+
+// A row tile's non-target params (nt_lo .. nt_a2, csrc/margin.h nontarget), an array each so
+// that the slice loops stay vectorised: loaded once a row tile, before its class loop.
+template <typename T>
+struct NontargetTile {
+  T lo[kRowTile], hi[kRowTile], a0[kRowTile], a1[kRowTile], a2[kRowTile];
+
+  void load(const Walk<T>& walk, int64_t i0, int64_t m) {
+    for (int64_t ii = 0; ii < m; ++ii) {
+      lo[ii] = walk.param(kNtLo, i0 + ii);
+      hi[ii] = walk.param(kNtHi, i0 + ii);
+      a0[ii] = walk.param(kNtA0, i0 + ii);
+      a1[ii] = walk.param(kNtA1, i0 + ii);
+      a2[ii] = walk.param(kNtA2, i0 + ii);
+    }
+  }
+  T value(T c, int64_t ii) const { return nontarget(c, lo[ii], hi[ii], a0[ii], a1[ii], a2[ii]); }
+  T grad(T c, int64_t ii) const { return nontarget_grad(c, lo[ii], hi[ii], a1[ii], a2[ii]); }
 };
 
 // A class row's cosines with the rows [i0, i0 + m) of the batch, from its K sub-centers'
@@ -372,8 +393,9 @@ inline T rescale(T sum, T from, T to) {
 
 // The forward's work on the class rows of one slice, classes [j0, j1) of the block that
 // starts at class c0 (w: the block's rows, strides wr, wd): norms, logits (written over
-// the dots), merged into the part's stats.
-template <typename T>
+// the dots), merged into the part's stats. kNontarget: the non-target logits are
+// S nontarget(cos) (flags.nontarget), else S cos.
+template <typename T, bool kNontarget>
 FM_CPU_CLONES void forward_slice(const Walk<T>& walk, Block<T>& blk, const T* w, int64_t wr, int64_t wd, T* dots,
                                  int64_t c0, int64_t j0, int64_t j1, PartStats<T>& stats, T* z_target) {
   const int64_t B = walk.B, K = walk.K;
@@ -381,10 +403,12 @@ FM_CPU_CLONES void forward_slice(const Walk<T>& walk, Block<T>& blk, const T* w,
   const T* inv_w = blk.w_inv_norm.data();
   T cos[kRowTile], zt[kRowTile], bmax[kRowTile], bsum[kRowTile], bz[kRowTile];
   int32_t best[kRowTile], tl[kRowTile];
+  NontargetTile<T> nt;
   for (int64_t i0 = 0; i0 < B; i0 += kRowTile) {
     const int64_t m = std::min(kRowTile, B - i0);
     const T* inv_x = walk.x_inv_norm.data() + i0;
     const T* s = walk.scale.data() + i0;
+    if (kNontarget) nt.load(walk, i0, m);
     // The targets in this slice: their logits z = S psi(cos), one row at a time.
     for (int64_t ii = 0; ii < m; ++ii) {
       const int64_t i = i0 + ii, j = walk.labels[i] - c0;
@@ -407,7 +431,7 @@ FM_CPU_CLONES void forward_slice(const Walk<T>& walk, Block<T>& blk, const T* w,
       class_cosines(d, B, K, inv_w + j * K, inv_x, m, cos, best);
 #pragma omp simd
       for (int64_t ii = 0; ii < m; ++ii) {
-        const T z = tl[ii] == j32 ? zt[ii] : s[ii] * cos[ii];
+        const T z = tl[ii] == j32 ? zt[ii] : s[ii] * (kNontarget ? nt.value(cos[ii], ii) : cos[ii]);
         d[ii] = z;
         bmax[ii] = std::max(bmax[ii], z);  // a NaN drops out of the max; z_sum keeps it
         bz[ii] += z;
@@ -448,8 +472,14 @@ void forward_impl(const at::Tensor& x, const at::Tensor& x_in, const at::Tensor&
       T* dots = blk.load(walk, x, w_block, w_src);
       const T* wp = w_block.data_ptr<T>();
       for (int64_t j0 = 0; j0 < n; j0 += walk.slice_classes) {
-        forward_slice(walk, blk, wp, w_block.stride(0), w_block.stride(1), dots, c0, j0,
-                      std::min(n, j0 + walk.slice_classes), stats[p], z_target);
+        const int64_t j1 = std::min(n, j0 + walk.slice_classes);
+        if (walk.flags.nontarget) {
+          forward_slice<T, true>(walk, blk, wp, w_block.stride(0), w_block.stride(1), dots, c0, j0, j1, stats[p],
+                                 z_target);
+        } else {
+          forward_slice<T, false>(walk, blk, wp, w_block.stride(0), w_block.stride(1), dots, c0, j0, j1, stats[p],
+                                  z_target);
+        }
       }
     }
   });
@@ -477,8 +507,10 @@ struct Upstream {
 // starts at class c0. The dots become G = dcos / r (in the arg-max sub-center's row, 0 in
 // the others); dw's rows of the slice are set to their radial term, -w_j b_j / r_j² with
 // b_j = Σ_i dcos_ij cos_ij = <ŵ_j, dŵ_j> (0 below the norm floor, where r_j is a constant);
-// norm_grad gets Σ_j dz_ij z_ij / S_i (SphereFace's gradient through S_i).
-template <typename T, bool kSphereGrad>
+// norm_grad gets Σ_j dz_ij z_ij / S_i (SphereFace's gradient through S_i). kNontarget: a
+// non-target column's z / S is nontarget(cos) and its dcos = S dz nontarget'(cos); b_j stays
+// Σ_i dcos_ij cos_ij, a derivative in cos.
+template <typename T, bool kSphereGrad, bool kNontarget>
 FM_CPU_CLONES void backward_slice(const Walk<T>& walk, Block<T>& blk, const Upstream<T>& up, const T* w, int64_t wr,
                                   int64_t wd, T* dots, T* dw, int64_t ar, int64_t ad, int64_t c0, int64_t j0,
                                   int64_t j1, T* norm_grad) {
@@ -491,11 +523,13 @@ FM_CPU_CLONES void backward_slice(const Walk<T>& walk, Block<T>& blk, const Upst
   T cos[kRowTile], dcos[kRowTile], bc[kRowTile], dct[kRowTile], et[kRowTile], e[kRowTile], gl[kRowTile],
       gs[kRowTile];
   int32_t best[kRowTile], tl[kRowTile];
+  NontargetTile<T> nt;
   for (int64_t i0 = 0; i0 < B; i0 += kRowTile) {
     const int64_t m = std::min(kRowTile, B - i0);
     const T* inv_x = walk.x_inv_norm.data() + i0;
     const T* s = walk.scale.data() + i0;
     const T* lse = up.lse + i0;
+    if (kNontarget) nt.load(walk, i0, m);
     // The targets in this slice: dcos = S dz psi'(cos), dz = g_lse p + g_target + g_sum.
     for (int64_t ii = 0; ii < m; ++ii) {
       const int64_t i = i0 + ii, j = walk.labels[i] - c0;
@@ -525,12 +559,13 @@ FM_CPU_CLONES void backward_slice(const Walk<T>& walk, Block<T>& blk, const Upst
 #pragma omp simd reduction(+ : b)
         for (int64_t ii = 0; ii < m; ++ii) {
           const T c = cos[ii];
-          const T dz = gl[ii] * vexp(s[ii] * c - lse[ii]) + gs[ii];
+          const T zc = kNontarget ? nt.value(c, ii) : c;
+          const T dz = gl[ii] * vexp(s[ii] * zc - lse[ii]) + gs[ii];
           const bool t = tl[ii] == j32;
-          const T dc = t ? dct[ii] : s[ii] * dz;
+          const T dc = t ? dct[ii] : (kNontarget ? s[ii] * dz * nt.grad(c, ii) : s[ii] * dz);
           b += dc * c;
           d[ii] = dc * r;
-          if (kSphereGrad) e[ii] += t ? et[ii] : dz * c;
+          if (kSphereGrad) e[ii] += t ? et[ii] : dz * zc;
         }
         b_acc[j - j0] += b;
         continue;
@@ -538,12 +573,13 @@ FM_CPU_CLONES void backward_slice(const Walk<T>& walk, Block<T>& blk, const Upst
 #pragma omp simd
       for (int64_t ii = 0; ii < m; ++ii) {
         const T c = cos[ii];
-        const T dz = gl[ii] * vexp(s[ii] * c - lse[ii]) + gs[ii];
+        const T zc = kNontarget ? nt.value(c, ii) : c;
+        const T dz = gl[ii] * vexp(s[ii] * zc - lse[ii]) + gs[ii];
         const bool t = tl[ii] == j32;
-        const T dc = t ? dct[ii] : s[ii] * dz;
+        const T dc = t ? dct[ii] : (kNontarget ? s[ii] * dz * nt.grad(c, ii) : s[ii] * dz);
         dcos[ii] = dc;
         bc[ii] = dc * c;
-        if (kSphereGrad) e[ii] += t ? et[ii] : dz * c;
+        if (kSphereGrad) e[ii] += t ? et[ii] : dz * zc;
       }
       for (int64_t k = 0; k < K; ++k) {
         const T r = inv_w[j * K + k];
@@ -638,11 +674,15 @@ void backward_impl(const Upstream<T>& up, const at::Tensor& x, const at::Tensor&
       const int64_t wr = w_block.stride(0), wd = w_block.stride(1), ar = dw_block.stride(0), ad = dw_block.stride(1);
       for (int64_t j0 = 0; j0 < n; j0 += walk.slice_classes) {
         const int64_t j1 = std::min(n, j0 + walk.slice_classes);
-        if (walk.sphereface()) {
-          backward_slice<T, true>(walk, blk, up, wp, wr, wd, g, dwp, ar, ad, c0, j0, j1,
-                                  norm_grad_parts.data() + p * B);
+        T* norm_grad = walk.sphereface() ? norm_grad_parts.data() + p * B : nullptr;
+        if (walk.sphereface() && walk.flags.nontarget) {
+          backward_slice<T, true, true>(walk, blk, up, wp, wr, wd, g, dwp, ar, ad, c0, j0, j1, norm_grad);
+        } else if (walk.sphereface()) {
+          backward_slice<T, true, false>(walk, blk, up, wp, wr, wd, g, dwp, ar, ad, c0, j0, j1, norm_grad);
+        } else if (walk.flags.nontarget) {
+          backward_slice<T, false, true>(walk, blk, up, wp, wr, wd, g, dwp, ar, ad, c0, j0, j1, nullptr);
         } else {
-          backward_slice<T, false>(walk, blk, up, wp, wr, wd, g, dwp, ar, ad, c0, j0, j1, nullptr);
+          backward_slice<T, false, false>(walk, blk, up, wp, wr, wd, g, dwp, ar, ad, c0, j0, j1, nullptr);
         }
       }
       const at::Tensor g_block = blk.dots.narrow(0, 0, rows * B).view({rows, B});

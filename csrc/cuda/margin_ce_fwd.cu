@@ -5,10 +5,11 @@
 //
 // Block (row block, split) walks its split's class tiles: the cos tile's dots by one tile
 // GEMM into shared memory, then each row's kRowThreads threads turn their classes into
-// logits (sub-center max, psi on the target, x S_i) and fold them into a running max and
-// sum of exp(z - max), a streaming log-sum-exp. The row's threads merge by shuffles in a
-// fixed pattern and write (splits, B) buffers, which the binding merges across splits in
-// a fixed order: no atomics, the same bits on every run.
+// logits (sub-center max, psi on the target, the non-target transform elsewhere under
+// flags.nontarget, x S_i) and fold them into a running max and sum of exp(z - max), a
+// streaming log-sum-exp. The row's threads merge by shuffles in a fixed pattern and write
+// (splits, B) buffers, which the binding merges across splits in a fixed order: no
+// atomics, the same bits on every run.
 #include "cuda/tiles.cuh"
 
 namespace fastmargin {
@@ -43,7 +44,9 @@ __global__ void __launch_bounds__(kThreads) margin_ce_fwd_kernel(const MarginCeA
       int best;
       const Acc c = class_cosine(dots, w_inv, j, K, &best) * r.x_inv;
       const bool is_target = j == target;
-      const Acc z = logit(r.scale, is_target ? psi(c, row_margin(a, r), a.flags) : c);
+      // flags.nontarget: a branch uniform across the block, with the row's numbers in r.
+      const Acc zc = a.flags.nontarget ? r.nontarget_value(c) : c;
+      const Acc z = logit(r.scale, is_target ? psi(c, row_margin(a, r), a.flags) : zc);
       z_target += is_target ? z : Acc(0);
       z_sum += z;
       // One exp an element; a new maximum rescales the sum instead. A NaN z fails the

@@ -379,6 +379,15 @@ struct Row {
   Acc x_inv;       // 1 / max(||x_i||, kNormEps)
   Acc scale;       // S_i: s, or s ||x_i|| for SphereFace
   Acc lse, g_lse, g_target, g_sum;  // backward only
+  Acc nt_lo, nt_hi, nt_a0, nt_a1, nt_a2;  // flags.nontarget only: the row's non-target transform
+
+  // A non-target column's z / S_i and its derivative in cos (margin.h nontarget).
+  __device__ __forceinline__ Acc nontarget_value(Acc c) const {
+    return fastmargin::nontarget(c, nt_lo, nt_hi, nt_a0, nt_a1, nt_a2);
+  }
+  __device__ __forceinline__ Acc nontarget_grad(Acc c) const {
+    return fastmargin::nontarget_grad(c, nt_lo, nt_hi, nt_a1, nt_a2);
+  }
 };
 
 template <class Acc>
@@ -391,6 +400,14 @@ __device__ Row<Acc> load_row(const MarginCeArgs& a, int64_t B, int64_t index, bo
   if (r.valid) {
     r.scale = static_cast<const Acc*>(a.params)[kScale * a.stride_param + index * a.stride_row];
     if (a.flags.kind == kSphere) r.scale *= static_cast<const Acc*>(a.x_norm)[index];
+  }
+  if (a.flags.nontarget && r.valid) {  // once a row (a row block in dW), outside the class loops
+    const Acc* row = static_cast<const Acc*>(a.params) + index * a.stride_row;
+    r.nt_lo = row[kNtLo * a.stride_param];
+    r.nt_hi = row[kNtHi * a.stride_param];
+    r.nt_a0 = row[kNtA0 * a.stride_param];
+    r.nt_a1 = row[kNtA1 * a.stride_param];
+    r.nt_a2 = row[kNtA2 * a.stride_param];
   }
   if (backward && r.valid) {
     r.lse = static_cast<const Acc*>(a.lse)[index];
@@ -445,7 +462,9 @@ __device__ __forceinline__ Acc class_cosine(const Acc* dots, const Acc* w_inv, i
 
 // dcos_ij (docs/design.md §3) with dz_ij = g_lse p_ij + g_target [j = y_i] + g_sum and p_ij =
 // exp(S zc - lse); and dz zc, whose row sums are SphereFace's gradient through S_i. Zero
-// on rows past B (a where, not a product: their exp may be inf).
+// on rows past B (a where, not a product: their exp may be inf). A non-target column has
+// zc = cos, or under flags.nontarget (a branch uniform across the block) zc = nontarget(cos)
+// and dcos = S dz nontarget'(cos).
 template <class Acc>
 struct Dcos {
   Acc dcos, dz_zc;
@@ -461,6 +480,11 @@ template <class Acc>
 __device__ __forceinline__ Dcos<Acc> dcos_of(Acc c, bool is_target, const Row<Acc>& r, const MarginCeArgs& a) {
   if (!r.valid) return {Acc(0), Acc(0)};
   if (!is_target) {
+    if (a.flags.nontarget) {
+      const Acc zc = r.nontarget_value(c);
+      const Acc dz = r.g_lse * fast_exp(logit(r.scale, zc) - r.lse) + r.g_sum;
+      return {r.scale * dz * r.nontarget_grad(c), dz * zc};
+    }
     const Acc dz = r.g_lse * fast_exp(logit(r.scale, c) - r.lse) + r.g_sum;
     return {r.scale * dz, dz * c};
   }
