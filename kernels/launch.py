@@ -76,10 +76,11 @@ def on_device(device: torch.device):
 def margin_args(params: torch.Tensor, flags, B: int) -> tuple[tuple, dict]:
     """The lowered margin (fastmargin.margins.lower) as kernel arguments: (params, stride over
     the params, stride over the rows: 0 when every row shares column 0) and the margin's
-    meta-parameters."""
-    kind, sphere_m, clamp_theta, detached = flags
+    meta-parameters (flags: kind, sphere_m, nontarget, detached; NONTARGET off compiles the
+    non-target transform out)."""
+    kind, sphere_m, nontarget, detached = flags
     stride_pb = 0 if params.shape[1] == 1 else params.stride(1)
-    meta = dict(KIND=kind, SPHERE_M=max(1, sphere_m), CLAMP_THETA=bool(clamp_theta), DETACHED=bool(detached))
+    meta = dict(KIND=kind, SPHERE_M=max(1, sphere_m), NONTARGET=bool(nontarget), DETACHED=bool(detached))
     return (params, params.stride(0), stride_pb), meta
 
 

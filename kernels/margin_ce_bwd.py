@@ -49,7 +49,7 @@ def margin_ce_bwd_dx_kernel(
     dx_hat_ptr, norm_grad_ptr,
     B, C, D, K, split_size,
     stride_xb, stride_xd, stride_wn, stride_wd,
-    KIND: tl.constexpr, SPHERE_M: tl.constexpr, CLAMP_THETA: tl.constexpr, DETACHED: tl.constexpr,
+    KIND: tl.constexpr, SPHERE_M: tl.constexpr, NONTARGET: tl.constexpr, DETACHED: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, K_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DO: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -59,9 +59,9 @@ def margin_ce_bwd_dx_kernel(
     pid_s = tl.program_id(2)
     rows = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     prow = row_params(params_ptr, rows, B, stride_pp, stride_pb)
-    row_valid, labels, x_inv_norm, row_scale, lse, g_lse, g_target, g_sum = backward_rows(
+    row_valid, labels, x_inv_norm, row_scale, lse, g_lse, g_target, g_sum, nt = backward_rows(
         rows, B, labels_ptr, x_norm_ptr, x_inv_norm_ptr, prow, stride_pp, lse_ptr, g_lse_ptr, g_target_ptr,
-        g_sum_ptr, KIND)
+        g_sum_ptr, KIND, NONTARGET)
     d_out = pid_d.to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
 
     dx_hat = tl.zeros((BLOCK_B, BLOCK_DO), ACC_DTYPE)
@@ -77,7 +77,7 @@ def margin_ce_bwd_dx_kernel(
         )
         cols = c0 + tl.arange(0, BLOCK_C)
         dcos, dz_zc = dcos_tile(cos, cols, C, labels, row_valid, row_scale, lse, g_lse, g_target, g_sum,
-                                prow, stride_pp, KIND, SPHERE_M, CLAMP_THETA, DETACHED)
+                                prow, stride_pp, nt, KIND, SPHERE_M, NONTARGET, DETACHED)
         norm_grad += tl.sum(dz_zc, axis=1)
         w_row, n_valid = class_rows(c0, C, K, BLOCK_C, K_PAD)
         w_inv_norm = tl.load(w_inv_norm_ptr + w_row, mask=n_valid, other=0.0)
@@ -106,7 +106,7 @@ def margin_ce_bwd_dw_kernel(
     dw_ptr,
     B, C, D, K,
     stride_xb, stride_xd, stride_wn, stride_wd, stride_dwn, stride_dwd,
-    KIND: tl.constexpr, SPHERE_M: tl.constexpr, CLAMP_THETA: tl.constexpr, DETACHED: tl.constexpr,
+    KIND: tl.constexpr, SPHERE_M: tl.constexpr, NONTARGET: tl.constexpr, DETACHED: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, K_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DO: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -124,16 +124,16 @@ def margin_ce_bwd_dw_kernel(
     for r0 in range(0, B, BLOCK_B):
         rows = r0 + tl.arange(0, BLOCK_B).to(tl.int64)
         prow = row_params(params_ptr, rows, B, stride_pp, stride_pb)
-        row_valid, labels, x_inv_norm, row_scale, lse, g_lse, g_target, g_sum = backward_rows(
+        row_valid, labels, x_inv_norm, row_scale, lse, g_lse, g_target, g_sum, nt = backward_rows(
             rows, B, labels_ptr, x_norm_ptr, x_inv_norm_ptr, prow, stride_pp, lse_ptr, g_lse_ptr, g_target_ptr,
-            g_sum_ptr, KIND)
+            g_sum_ptr, KIND, NONTARGET)
         cos_n, cos, best = cos_tile(
             x_ptr, w_ptr, w_inv_norm_ptr, x_inv_norm, rows, c0, B, C, D, K,
             stride_xb, stride_xd, stride_wn, stride_wd,
             BLOCK_B, BLOCK_C, K_PAD, BLOCK_D, ACC_DTYPE, DOT_DTYPE, UPCAST, PRECISION,
         )
         dcos, _dz_zc = dcos_tile(cos, cols, C, labels, row_valid, row_scale, lse, g_lse, g_target, g_sum,
-                                 prow, stride_pp, KIND, SPHERE_M, CLAMP_THETA, DETACHED)
+                                 prow, stride_pp, nt, KIND, SPHERE_M, NONTARGET, DETACHED)
         g = spread(dcos, best, BLOCK_B, BLOCK_C, K_PAD)
         b += tl.sum(g * cos_n, axis=0)
         x = tl.load(x_ptr + rows[:, None] * stride_xb + d_out[None, :] * stride_xd,

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from . import launch
 from .margin import row_params
-from .tiles import cos_tile, logits, row_scales
+from .tiles import cos_tile, logits, nt_rows, row_scales
 
 
 @triton.jit
@@ -27,7 +27,7 @@ def margin_ce_fwd_kernel(
     # sizes; split_size classes per program, a multiple of BLOCK_C
     B, C, D, K, split_size,
     stride_xb, stride_xd, stride_wn, stride_wd,
-    KIND: tl.constexpr, SPHERE_M: tl.constexpr, CLAMP_THETA: tl.constexpr,
+    KIND: tl.constexpr, SPHERE_M: tl.constexpr, NONTARGET: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, K_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -39,6 +39,7 @@ def margin_ce_fwd_kernel(
     x_inv_norm = tl.load(x_inv_norm_ptr + rows, mask=row_valid, other=0.0)
     prow = row_params(params_ptr, rows, B, stride_pp, stride_pb)
     row_scale = row_scales(prow, stride_pp, x_norm_ptr, rows, row_valid, KIND)
+    nt = nt_rows(prow, stride_pp, NONTARGET)
 
     run_max = tl.full((BLOCK_B,), float("-inf"), ACC_DTYPE)
     run_sum = tl.zeros((BLOCK_B,), ACC_DTYPE)
@@ -53,7 +54,7 @@ def margin_ce_fwd_kernel(
             BLOCK_B, BLOCK_C, K_PAD, BLOCK_D, ACC_DTYPE, DOT_DTYPE, UPCAST, PRECISION,
         )
         cols = c0 + tl.arange(0, BLOCK_C)
-        zc, is_target, _cos_target = logits(cos, cols, C, labels, prow, stride_pp, KIND, SPHERE_M, CLAMP_THETA)
+        zc, is_target, _cos_target = logits(cos, cols, C, labels, prow, stride_pp, nt, KIND, SPHERE_M, NONTARGET)
         z = tl.where((cols < C)[None, :], row_scale[:, None] * zc, float("-inf"))
         z_target += tl.sum(tl.where(is_target, z, 0.0), axis=1)
         z_sum += tl.sum(tl.where((cols < C)[None, :], z, 0.0), axis=1)

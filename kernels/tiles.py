@@ -14,7 +14,7 @@ Every offset is int64: B*D, C*K*D and (for PML's W.t()) d * C*K pass 2^31 at rea
 import triton
 import triton.language as tl
 
-from .margin import P_SCALE, SPHERE, param, psi, psi_grad
+from .margin import P_SCALE, SPHERE, nontarget, nontarget_grad, nontarget_rows, param, psi, psi_grad
 
 
 @triton.jit
@@ -28,9 +28,10 @@ def row_scales(prow, stride_pp, x_norm_ptr, rows, row_valid, KIND: tl.constexpr)
 
 @triton.jit
 def backward_rows(rows, B, labels_ptr, x_norm_ptr, x_inv_norm_ptr, prow, stride_pp, lse_ptr, g_lse_ptr,
-                  g_target_ptr, g_sum_ptr, KIND: tl.constexpr):
+                  g_target_ptr, g_sum_ptr, KIND: tl.constexpr, NONTARGET: tl.constexpr):
     """What the backward needs of rows (BLOCK_B,): which exist, their labels, 1 / n_i, S_i,
-    lse_i and the gradients (g_lse, g_target, g_sum) of the three statistics."""
+    lse_i, the gradients (g_lse, g_target, g_sum) of the three statistics and the rows'
+    non-target params (nt_rows)."""
     row_valid = rows < B
     labels = tl.load(labels_ptr + rows, mask=row_valid, other=-1)
     x_inv_norm = tl.load(x_inv_norm_ptr + rows, mask=row_valid, other=0.0)
@@ -39,7 +40,18 @@ def backward_rows(rows, B, labels_ptr, x_norm_ptr, x_inv_norm_ptr, prow, stride_
     g_lse = tl.load(g_lse_ptr + rows, mask=row_valid, other=0.0)
     g_target = tl.load(g_target_ptr + rows, mask=row_valid, other=0.0)
     g_sum = tl.load(g_sum_ptr + rows, mask=row_valid, other=0.0)
-    return row_valid, labels, x_inv_norm, row_scale, lse, g_lse, g_target, g_sum
+    return row_valid, labels, x_inv_norm, row_scale, lse, g_lse, g_target, g_sum, nt_rows(prow, stride_pp, NONTARGET)
+
+
+@triton.jit
+def nt_rows(prow, stride_pp, NONTARGET: tl.constexpr):
+    """The rows' non-target params (margin.nontarget_rows), loaded once a row block, outside
+    the class loop; None, and no load, without a non-target transform."""
+    if NONTARGET:  # one return: Triton types every return of a function, taken or not
+        nt = nontarget_rows(prow, stride_pp)
+    else:
+        nt = None
+    return nt
 
 
 @triton.jit
@@ -149,28 +161,39 @@ def spread(v, best, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, K_PAD: tl.cons
 
 
 @triton.jit
-def logits(cos, cols, C, labels, prow, stride_pp, KIND: tl.constexpr, SPHERE_M: tl.constexpr,
-           CLAMP_THETA: tl.constexpr):
-    """zc = z / S (BLOCK_B, BLOCK_C): cos, with psi(cos) in each row's target column; that
+def logits(cos, cols, C, labels, prow, stride_pp, nt, KIND: tl.constexpr, SPHERE_M: tl.constexpr,
+           NONTARGET: tl.constexpr):
+    """zc = z / S (BLOCK_B, BLOCK_C): cos, or its non-target transform nontarget(cos) where
+    NONTARGET (nt: the rows' params, nt_rows), with psi(cos) in each row's target column; that
     column's mask (never a padded column: a label C, no target here, must not match one);
     and the target's cosine (BLOCK_B,). psi runs on one cosine a row, not on the tile."""
     is_target = (cols[None, :] == labels[:, None]) & (cols < C)[None, :]
     cos_target = tl.sum(tl.where(is_target, cos, 0.0), axis=1)
-    psi_target = psi(cos_target, prow, stride_pp, KIND, SPHERE_M, CLAMP_THETA)
-    return tl.where(is_target, psi_target[:, None], cos), is_target, cos_target
+    psi_target = psi(cos_target, prow, stride_pp, KIND, SPHERE_M)
+    if NONTARGET:
+        others = nontarget(cos, nt[0], nt[1], nt[2], nt[3], nt[4])
+    else:
+        others = cos
+    return tl.where(is_target, psi_target[:, None], others), is_target, cos_target
 
 
 @triton.jit
-def dcos_tile(cos, cols, C, labels, row_valid, row_scale, lse, g_lse, g_target, g_sum, prow, stride_pp,
-              KIND: tl.constexpr, SPHERE_M: tl.constexpr, CLAMP_THETA: tl.constexpr, DETACHED: tl.constexpr):
+def dcos_tile(cos, cols, C, labels, row_valid, row_scale, lse, g_lse, g_target, g_sum, prow, stride_pp, nt,
+              KIND: tl.constexpr, SPHERE_M: tl.constexpr, NONTARGET: tl.constexpr, DETACHED: tl.constexpr):
     """dcos (BLOCK_B, BLOCK_C) of docs/design.md §3, with dz_ij = g_lse_i p_ij + g_target_i [j = y_i]
-    + g_sum_i and p_ij = exp(z_ij - lse_i); and dz * zc, whose row sums are SphereFace's
-    gradient through S_i = s ||x_i||. Both are 0 outside the B x C block: a where, not a
-    product, since exp(S zc - lse) of a padded row (lse = 0) may overflow to inf."""
-    zc, is_target, cos_target = logits(cos, cols, C, labels, prow, stride_pp, KIND, SPHERE_M, CLAMP_THETA)
+    + g_sum_i and p_ij = exp(z_ij - lse_i): dcos_ij = S_i dz_ij psi'(c_iy) in the target
+    column, S_i dz_ij nontarget'(c_ij) in the others where NONTARGET, else S_i dz_ij; and
+    dz * zc, whose row sums are SphereFace's gradient through S_i = s ||x_i||. Both are 0
+    outside the B x C block: a where, not a product, since exp(S zc - lse) of a padded row
+    (lse = 0) may overflow to inf."""
+    zc, is_target, cos_target = logits(cos, cols, C, labels, prow, stride_pp, nt, KIND, SPHERE_M, NONTARGET)
     p = tl.exp(row_scale[:, None] * zc - lse[:, None])
     dz = g_lse[:, None] * p + tl.where(is_target, g_target[:, None], 0.0) + g_sum[:, None]
     dz = tl.where(row_valid[:, None] & (cols < C)[None, :], dz, 0.0)
-    grad_target = psi_grad(cos_target, prow, stride_pp, KIND, SPHERE_M, CLAMP_THETA, DETACHED)
-    dcos = row_scale[:, None] * dz * tl.where(is_target, grad_target[:, None], 1.0)
+    grad_target = psi_grad(cos_target, prow, stride_pp, KIND, SPHERE_M, DETACHED)
+    if NONTARGET:
+        grad_others = nontarget_grad(cos, nt[0], nt[1], nt[2], nt[3], nt[4])
+        dcos = row_scale[:, None] * dz * tl.where(is_target, grad_target[:, None], grad_others)
+    else:
+        dcos = row_scale[:, None] * dz * tl.where(is_target, grad_target[:, None], 1.0)
     return dcos, dz * zc

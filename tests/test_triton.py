@@ -54,7 +54,8 @@ from fastmargin.kernels import launch
 from fastmargin.kernels.margin_ce_bwd import margin_ce_bwd_dw_kernel, margin_ce_bwd_dx_kernel
 from fastmargin.kernels.margin_ce_fwd import margin_ce_fwd_kernel
 
-arch, dtype_name, K, kind = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+arch, dtype_name, K, kind, nontarget = (int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),
+                                         bool(int(sys.argv[5])))
 dtype = getattr(torch, dtype_name)
 tool_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 pointer = "*" + {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}[dtype]
@@ -65,7 +66,7 @@ kernels = ((margin_ce_fwd_kernel, False), (margin_ce_bwd_dx_kernel, True), (marg
 for kernel, backward in kernels:
     cfg = launch.config(512, K, dtype, backward)
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    meta = dict(KIND=kind, SPHERE_M=3, CLAMP_THETA=False, **launch.dtypes(x, x, compute, allow_tf32=True),
+    meta = dict(KIND=kind, SPHERE_M=3, NONTARGET=nontarget, **launch.dtypes(x, x, compute, allow_tf32=True),
                 **cfg.meta(with_output_block=backward))
     if backward:
         meta["DETACHED"] = False
@@ -101,12 +102,13 @@ print(json.dumps(report))
 """
 
 
-def compile_for(arch, dtype, K=1, kind=1):
+def compile_for(arch, dtype, K=1, kind=1, nontarget=False):
     """Compiles the three kernels for sm_<arch> with Triton's compiler in a child process
-    (this one may run the interpreter); returns their SASS op counts and ptxas -v lines."""
+    (this one may run the interpreter), the non-target transform compiled in or out; returns
+    their SASS op counts and ptxas -v lines."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, str(arch), str(dtype).split(".")[1], str(K),
-                             str(kind)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+                             str(kind), str(int(nontarget))], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     import json
 
@@ -114,21 +116,24 @@ def compile_for(arch, dtype, K=1, kind=1):
 
 
 COMPILE_CASES = [
-    pytest.param(90, torch.bfloat16, 1, margin_jit.ARC, "HGMMA", id="sm90-bf16-arcface"),
-    pytest.param(80, torch.bfloat16, 3, margin_jit.SPHERE, "HMMA", id="sm80-bf16-sphereface-K3"),
-    pytest.param(90, torch.float16, 3, margin_jit.COMBINED, "HGMMA", id="sm90-fp16-combined-K3",
+    pytest.param(90, torch.bfloat16, 1, margin_jit.ARC, False, "HGMMA", id="sm90-bf16-arcface"),
+    pytest.param(80, torch.bfloat16, 3, margin_jit.SPHERE, False, "HMMA", id="sm80-bf16-sphereface-K3"),
+    pytest.param(90, torch.bfloat16, 3, margin_jit.ARC, True, "HGMMA", id="sm90-bf16-arcface-nontarget-K3"),
+    pytest.param(90, torch.float16, 3, margin_jit.COMBINED, False, "HGMMA", id="sm90-fp16-combined-K3",
                  marks=pytest.mark.slow),
-    pytest.param(90, torch.float32, 1, margin_jit.ADDITIVE, "HGMMA", id="sm90-tf32-cosface", marks=pytest.mark.slow),
-    pytest.param(90, torch.float64, 2, margin_jit.ARC, "DMMA", id="sm90-fp64-K2", marks=pytest.mark.slow),
+    pytest.param(90, torch.float32, 1, margin_jit.ADDITIVE, False, "HGMMA", id="sm90-tf32-cosface",
+                 marks=pytest.mark.slow),
+    pytest.param(90, torch.float64, 2, margin_jit.ARC, True, "DMMA", id="sm90-fp64-K2-nontarget",
+                 marks=pytest.mark.slow),
 ]
 
 
-@pytest.mark.parametrize("arch, dtype, K, kind, tensor_op", COMPILE_CASES)
-def test_compiles_with_tensor_cores(arch, dtype, K, kind, tensor_op):
+@pytest.mark.parametrize("arch, dtype, K, kind, nontarget, tensor_op", COMPILE_CASES)
+def test_compiles_with_tensor_cores(arch, dtype, K, kind, nontarget, tensor_op):
     """Every kernel compiles for the GPU with Triton's real compiler (the interpreter accepts
     code that it rejects), and its tile dots run on tensor cores: wgmma (HGMMA) on sm_90,
     mma (HMMA) on sm_80, DMMA for fp64. Register use and spills are printed (-s shows them)."""
-    report = compile_for(arch, dtype, K, int(kind))
+    report = compile_for(arch, dtype, K, int(kind), nontarget)
     for name, info in report.items():
-        print(f"sm_{arch} {dtype} K={K} {name}: {info['ops']} {info['ptxas']}")
+        print(f"sm_{arch} {dtype} K={K} nontarget={nontarget} {name}: {info['ops']} {info['ptxas']}")
         assert info["ops"][tensor_op] > 0, f"{name}: no {tensor_op} in its sm_{arch} SASS: {info['ops']}"
