@@ -30,8 +30,8 @@ from collections.abc import Callable
 
 import torch
 
-from .margins import NUM_PARAMS, Margin, lower
-from .reference import compute_dtype
+from .margins import NUM_PARAMS, LoweredMargin, Margin, lower, target_value
+from .reference import compute_dtype, target_cosines
 
 OP_ARGS = "Tensor params, int[] flags, int sub_centers, int chunk, bool allow_tf32"
 
@@ -67,7 +67,7 @@ def check_op_inputs(backend: str, device_type: str, x, w, labels, params, flags,
         raise ValueError(f"{where}: params must be ({NUM_PARAMS}, 1 or B) in the compute dtype "
                          f"{compute_dtype(x, w)}, got {params.dtype} {tuple(params.shape)}")
     if len(flags) != 4:
-        raise ValueError(f"{where}: flags must be (kind, sphere_m, clamp_theta, detached), got {list(flags)}")
+        raise ValueError(f"{where}: flags must be (kind, sphere_m, nontarget, detached), got {list(flags)}")
     if chunk < 0:
         raise ValueError(f"{where}: chunk must be >= 0, got {chunk}")
     if not (x.device == w.device == labels.device == params.device):
@@ -122,11 +122,36 @@ def register(backend: str, forward: Callable, backward: Callable, device_type: s
 
     fwd.register_autograd(backward_formula, setup_context=setup_context)
 
-    def row_statistics(embeddings, weight, labels, margin: Margin, scale: float, sub_centers=1, chunk_size=None):
-        lowered = lower(margin, scale, compute_dtype(embeddings, weight), embeddings.device)
+    def row_statistics(embeddings, weight, labels, margin: Margin, scale: float, sub_centers=1, chunk_size=None,
+                       target_cos=None):
+        if target_cos is None and (margin.needs_target_cos or margin.requires_grad):
+            target_cos = target_cosines(embeddings, weight, labels, sub_centers)
+        lowered = lower(margin, scale, compute_dtype(embeddings, weight), embeddings.device, target_cos)
         chunk = chunk_size or default_chunk(embeddings.shape[0], sub_centers)
-        return fwd(embeddings, weight, labels, lowered.params, list(lowered.flags), sub_centers, chunk,
-                   tf32_allowed())
+        stats = fwd(embeddings, weight, labels, lowered.params.detach(), list(lowered.flags), sub_centers, chunk,
+                    tf32_allowed())
+        if margin.requires_grad:
+            stats = with_margin_gradient(stats, labels, target_cos, lowered, weight.shape[0] // sub_centers)
+        return stats
 
     row_statistics.__doc__ = f"The {backend!r} backend's row statistics: see fastmargin.reference.row_statistics."
     return row_statistics
+
+
+def with_margin_gradient(stats, labels: torch.Tensor, target_cos: torch.Tensor, lowered: LoweredMargin,
+                         num_classes: int):
+    """The statistics (lse, z_target, z_sum) with the gradient in the margin tensors that the
+    ops do not return, values unchanged.
+
+    A margin moves only the target logit z_iy = S_i psi(c_iy; m_i). With delta_i = z_iy -
+    z_iy.detach(), zero in value but d delta_i / d m_i = dz_iy / dm_i, and p_iy = exp(z_iy -
+    lse_i) = d lse_i / d z_iy, the tensors lse + p_iy delta, z_target + delta, z_sum + delta
+    have the op's values and, in m, the exact first derivatives. c_iy is target_cos (the
+    gather-dot pre-pass: its rounding differs from the kernel's GEMM only in the last bits).
+    """
+    lse, z_target, z_sum = stats
+    scale = lowered.params[0]
+    z = scale * target_value(target_cos.to(lowered.params.dtype), lowered.params, lowered.flags)
+    has_target = (labels >= 0) & (labels < num_classes)
+    delta = torch.where(has_target, z - z.detach(), 0)
+    return lse + torch.exp(z_target - lse).detach() * delta, z_target + delta, z_sum + delta

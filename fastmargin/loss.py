@@ -56,15 +56,19 @@ def backend_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     chunk_size: int | None = None,
+    target_cos: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, lse) of docs/design.md §2 from a backend's row_statistics, inputs assumed valid.
 
     embeddings (B, D), weight (C*K, D) any strides, labels (B,) integer. Ignored rows are
     passed to the backend with label -1 (no target, no margin) and masked out of the loss.
+    target_cos (B,): the rows' target cosines where the caller has them (the backend
+    computes them where the margin needs them and none are given).
     """
     valid = labels != ignore_index
     lse, z_target, z_sum = row_statistics(
-        embeddings, weight, torch.where(valid, labels.long(), -1), margin, scale, sub_centers, chunk_size
+        embeddings, weight, torch.where(valid, labels.long(), -1), margin, scale, sub_centers, chunk_size,
+        target_cos,
     )
     num_classes = weight.shape[0] // sub_centers
     loss = loss_from_statistics(lse, z_target, z_sum, valid, num_classes, label_smoothing, reduction)

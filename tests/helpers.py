@@ -155,7 +155,8 @@ HALF_DCOS_OPERANDS = ("triton", "cuda")
 B, C, D = 37, 1001, 67
 CHUNK = 64
 
-MARGIN_FIELDS = ("m1", "m2", "m3", "sphere_m", "sphere_lambda", "theta_policy", "grad_mode")
+MARGIN_FIELDS = ("m1", "m2", "m3", "sphere_m", "sphere_lambda", "theta_policy", "grad_mode", "curricular_t",
+                 "filter_threshold")
 
 # Functional kwargs of each loss. SphereFace's logit scale is s * ||x_i|| (||x_i|| in [0.5, 3]).
 MARGINS = {

@@ -31,13 +31,13 @@ import torch
 import torch.nn.functional as F
 
 import fastmargin
-from fastmargin import backends, reference
+from fastmargin import backends, margins, reference
 from fastmargin.margins import Margin
 from helpers import (
     B, C, CHUNK, D, DTYPES, GRAD_MODES, HALF_DCOS_OPERANDS, MARGINS, OPTION_MARGINS, OPTIONS, TOL,
     assert_close, assert_finite, assert_rel, backend_params, branches, check_against_reference, device_of,
-    geometric_inputs, gpu_backend_params, margin_of, op_options, option_inputs, reference_bound, rounding_floors,
-    run, suite_threads, tol, upstream_weights,
+    ANGLES, geometric_inputs, gpu_backend_params, margin_of, op_options, option_inputs, reference_bound, rounding_floors,
+    run, suite_threads, to_device, tol, upstream_weights,
 )
 
 every_backend = pytest.mark.parametrize("backend", backend_params())
@@ -84,6 +84,89 @@ def test_margins_match_reference(backend, name, grad_mode, dtype):
     assert hit == expected, f"{name}: target cosines fall in branches {sorted(hit)}, not {sorted(expected)}"
     check_against_reference(x, w, y, tol(backend, dtype), what=f"{backend} {name} {grad_mode}", chunk_size=CHUNK,
                             **kwargs, backend=backend)
+
+
+# ---------------------------------------------------------------- per-row margins, theta policies, non-target transforms
+
+
+def _rows(values, lo, hi):
+    """(B,) margins spread over [lo, hi] without a pattern that follows the rows' angles."""
+    return torch.tensor([lo + (hi - lo) * ((i * 0.6180339887) % 1.0) for i in range(values)], dtype=torch.float64)
+
+
+# Functional kwargs; tensors are (B,) per-row margins ("grad": the test asks for their gradient).
+ROW_MARGINS = {
+    "arcface-rows": dict(m2=_rows(B, 0.3, 0.7), grad=("m2",)),
+    "combined-rows": dict(m1=_rows(B, 1.0, 1.3), m2=_rows(B, 0.1, 0.4), m3=_rows(B, 0.0, 0.2), grad=("m1", "m2", "m3")),
+    "adaface": dict(m2=_rows(B, -0.4, 0.4), m3=_rows(B, 0.0, 0.8), theta_policy="adaface"),
+    "magface-easy": dict(m2=_rows(B, 0.45, 0.8), theta_policy="easy", grad=("m2",)),
+    "elastic-arc-none": dict(m2=_rows(B, 0.4, 0.6), theta_policy="none"),
+    "elastic-cos": dict(m3=_rows(B, 0.3, 0.4)),
+    "curricular": dict(m2=0.5, curricular_t=0.3),
+    "filter": dict(m2=0.5, filter_threshold=0.12),
+}
+# AdaFace's target angles: ANGLES and 0.02 rad, a cos above its clamp at 1 - 1e-3 (no
+# gradient there; elsewhere psi' ~ 1 / sin(0.02) = 50 would make fp32 rounding the case).
+ADAFACE_ANGLES = (0.02,) + ANGLES
+
+
+def _thresholds(x, w, y, K, margin, target_cos):
+    """How close (fp64) the targets come to the start of the fallback line and every cosine to
+    its row's non-target threshold, where psi and the transforms jump: the inputs must stay
+    clear by more than a float32 cosine's error (rounding x and W to fp32 and the kernels'
+    dots: ~ 4 eps = 5e-7, helpers.DELTA_C_EPS), or rounding could put a logit across a jump.
+    37 x 1001 random cosines leave ~ 1e-5 between the closest and a fixed threshold."""
+    lowered = margins.lower(margin, 1.0, torch.float64, torch.device("cpu"), target_cos)
+    p = dict(zip(margins.PARAMS, lowered.params.expand(-1, len(y))))
+    cos = reference.cosine_logits(x.double(), w.double(), K)
+    target = cos.gather(1, y.unsqueeze(1)).squeeze(1)
+    jump = p["cos_theta_limit"] if margin.theta_policy == "fallback" else torch.full_like(target, -2.0)
+    return (target - jump).abs().min(), (cos - p["nt_hi"].unsqueeze(1)).abs().min()
+
+
+@pytest.mark.thin(keep=lambda backend, name, K, dtype: dtype == torch.float64 or name in ("adaface", "curricular"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("name", list(ROW_MARGINS))
+@every_backend
+def test_row_margins_and_transforms_match_reference(backend, name, K, dtype):
+    """(B,) margins, the theta policies of AdaFace, MagFace and ElasticFace, CurricularFace's
+    and the interclass filter's non-target transforms: loss, lse, the gradients of x, W and
+    of the margins that require grad, against the float64 reference. Each transform fires."""
+    kwargs = dict(ROW_MARGINS[name])
+    grads = kwargs.pop("grad", ())
+    x, w, y = geometric_inputs(K=K, dtype=torch.float64,
+                               angles=ADAFACE_ANGLES if kwargs.get("theta_policy") == "adaface" else ANGLES)
+    free = sorted(set(range(C)) - set(y.tolist()))[:3]
+    w[free[0] * K] = 1.5 * x[0]  # non-targets at cos = +-1 (AdaFace's clamp of every cosine)
+    w[free[1] * K : (free[1] + 1) * K] = -0.7 * x[1]  # every sub-center: the class's max is -1 too
+    x, w = x.to(dtype), w.to(dtype)
+    margin = margin_of(kwargs)
+    target_cos = reference.target_cosines(x.double(), w.double(), y, K)
+    near_jump, near_threshold = _thresholds(x, w, y, K, margin, target_cos)
+    assert near_jump > 1e-4 and near_threshold > 2e-6, f"{name}: inputs {near_jump:.1e}, {near_threshold:.1e} from a jump"
+    if margin.has_nontarget:
+        lowered = margins.lower(margin, 1.0, torch.float64, torch.device("cpu"), target_cos)
+        cos = reference.cosine_logits(x.double(), w.double(), K)
+        others = torch.arange(C) != y.unsqueeze(1)
+        fired = ((margins.nontarget_value(cos, lowered.params) != cos) & others).sum()
+        assert fired >= (2 if margin.theta_policy == "adaface" else 100), \
+            f"{name}: the non-target transform changes {int(fired)} cosines"
+    upstream = upstream_weights(len(y))
+    results = {}
+    for who, device, x_, w_ in ((backend, device_of(backend, x), x, w), ("reference", torch.device("cpu"), x.double(),
+                                                                         w.double())):
+        margin_args = {k: (to_device(v, device).to(x_.dtype).requires_grad_(k in grads) if torch.is_tensor(v) else v)
+                       for k, v in kwargs.items()}
+        xd, wd = to_device(x_, device).requires_grad_(True), to_device(w_, device).requires_grad_(True)
+        loss, lse = fastmargin.margin_cross_entropy(xd, wd, to_device(y, device), backend=who, return_lse=True,
+                                                    sub_centers=K, reduction="none", chunk_size=CHUNK, **margin_args)
+        (loss * upstream.to(loss)).sum().backward()
+        results[who] = [t.cpu() for t in (loss.detach(), lse.detach(), xd.grad, wd.grad)] + \
+                       [margin_args[k].grad.cpu() for k in grads]
+    labels = [*LABELS, *(f"d loss / d {k}" for k in grads)]
+    for label, got, want in zip(labels, results[backend], results["reference"]):
+        assert_rel(got, want, tol(backend, dtype), f"{backend} {name} K={K} {label}")
 
 
 # ---------------------------------------------------------------- options: K, smoothing, ignore_index, reduction

@@ -215,7 +215,7 @@ BAD_INPUTS = [
     ("smoothing-nan", dict(label_smoothing=math.nan), ValueError, r"label_smoothing=nan"),
     ("reduction", dict(reduction="avg"), ValueError, r"reduction='avg': use one of \('mean', 'sum', 'none'\)"),
     ("ignore-index-float", dict(ignore_index=-100.0), TypeError, r"ignore_index must be an int"),
-    ("m2-negative", dict(m2=-1.0), ValueError, r"m2=-1\.0 is out of range"),
+    ("m2-below-minus-pi", dict(m2=-3.2), ValueError, r"m2=-3\.2 is out of range: .* in \(-pi, pi\)"),
     ("m2-inf", dict(m2=math.inf), ValueError, r"m2=inf is out of range"),
     ("m1-zero", dict(m1=0.0), ValueError, r"m1=0\.0 is out of range"),
     ("m3-big", dict(m3=3.0), ValueError, r"m3=3\.0 is out of range"),
@@ -223,6 +223,16 @@ BAD_INPUTS = [
     ("sphere-lambda-alone", dict(sphere_lambda=5.0), ValueError, r"sphere_lambda applies to SphereFace only"),
     ("theta-policy", dict(theta_policy="wrap"), ValueError, r"theta_policy='wrap'"),
     ("grad-mode", dict(grad_mode="stop"), ValueError, r"grad_mode='stop'"),
+    ("m2-rows-2d", dict(m2=torch.full((4, 1), 0.5)), ValueError, r"m2: a per-row margin is a 1-D floating tensor"),
+    ("m2-rows-int", dict(m2=torch.zeros(4, dtype=torch.int64)), ValueError, r"m2: a per-row margin is a 1-D"),
+    ("m2-rows-length", dict(m2=torch.full((3,), 0.5)), ValueError, r"m2: a per-row margin must be \(4,\)"),
+    ("m3-rows-range", dict(m3=torch.tensor([0.1, 0.2, 2.5, 0.0])), ValueError,
+     r"m3 has values outside its range: .*\[-2, 2\]; its extremes are 0\.0 and 2\.5"),
+    ("m2-rows-nan", dict(m2=torch.tensor([0.1, math.nan, 0.2, 0.0])), ValueError, r"m2 has values outside its range"),
+    ("two-nontarget-transforms", dict(m2=0.5, curricular_t=0.2, filter_threshold=0.3), ValueError,
+     r"curricular_t and filter_threshold each change the non-target cosines: use one of them"),
+    ("filter-threshold-range", dict(filter_threshold=1.5), ValueError, r"filter_threshold=1\.5 is out of range"),
+    ("sphere-easy", dict(sphere_m=4, theta_policy="easy"), ValueError, r"SphereFace \(sphere_m\) takes theta_policy"),
 ]
 
 
