@@ -76,15 +76,21 @@ class _MarginLoss(torch.nn.Module):
         return self._margin
 
     def _loss(self, embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-              reduction: str | None = None) -> torch.Tensor:
+              reduction: str | None = None, margin: Margin | None = None, target_cos: torch.Tensor | None = None,
+              extra: torch.Tensor | None = None) -> torch.Tensor:
         """embeddings (B, D), weight (C*K, D) any strides, labels (B,) -> the loss, reduced
         by `reduction` (default: the module's), in the embeddings' dtype (fp32 under
-        autocast: the loss is computed in fp32 either way, docs/design.md §1)."""
+        autocast: the loss is computed in fp32 either way, docs/design.md §1). margin: the
+        step's (default: current_margin()); target_cos (B,): the rows' target cosines where
+        the caller has them; extra: a term added to the loss (a schedule's regulariser)."""
         loss, _ = margin_loss(
-            embeddings, weight, labels, self.current_margin(), self.scale,
+            embeddings, weight, labels, margin or self.current_margin(), self.scale,
             sub_centers=self.sub_centers, label_smoothing=self.label_smoothing, ignore_index=self.ignore_index,
             reduction=reduction or self.reduction, backend=self.backend, chunk_size=self.chunk_size,
+            target_cos=target_cos,
         )
+        if extra is not None:
+            loss = loss + extra
         if torch.is_autocast_enabled(embeddings.device.type):
             return loss
         return loss.to(embeddings.dtype)
