@@ -33,6 +33,7 @@ import torch.distributed as dist
 from . import backends, checks
 from .loss import loss_from_statistics
 from .margins import Margin
+from .reference import target_cosines
 
 
 class _Local:
@@ -151,6 +152,15 @@ class PartialFC(torch.nn.Module):
     turns on PartialFC's negative-class sampling (sample_classes): each step keeps every
     class that is a target in the global batch and a random share of the others; 1.0 is the
     exact loss. With sampling, label smoothing averages over the kept classes.
+    filter_threshold: insightface's interclass filtering (fastmargin.margins.Margin).
+
+    margin_schedule: a fastmargin.adaptive schedule (AdaFace, ElasticArc, ElasticCos,
+    MagFace, Curricular) that makes each step's margin from the global batch; it replaces
+    the margin arguments and the scale. Its statistics are those of the global batch: it
+    sees the all-gathered rows (and norms, forward's third argument, where the embeddings
+    come normalised), CurricularFace's target cosines are combined across the shards (each
+    row's target lives on one), and ElasticFace's draws are rank 0's on every rank. Its
+    extra loss term (MagFace's regulariser) is added to the loss.
 
     group: the process group (None: the default one, which must be initialised), or LOCAL
     for a single process without torch.distributed. operand_dtype: None reads the gathered
@@ -166,7 +176,8 @@ class PartialFC(torch.nn.Module):
                  theta_policy: str = "fallback", label_smoothing: float = 0.0,
                  ignore_index: int = -100, reduction: str = "mean", sample_rate: float = 1.0,
                  backend: str = "auto", chunk_size: int | None = None, group=None,
-                 operand_dtype: torch.dtype | None = None) -> None:
+                 operand_dtype: torch.dtype | None = None, filter_threshold: float | None = None,
+                 margin_schedule: torch.nn.Module | None = None) -> None:
         super().__init__()
         if group is not LOCAL and (not dist.is_available() or not dist.is_initialized()):
             raise RuntimeError("PartialFC needs torch.distributed initialised: call "
@@ -178,8 +189,9 @@ class PartialFC(torch.nn.Module):
         self.embedding_size = checks.check_positive_int("embedding_size", embedding_size)
         self.sub_centers = checks.check_positive_int("sub_centers", sub_centers)
         self.margin = Margin(m1=m1, m2=m2, m3=m3, sphere_m=sphere_m, sphere_lambda=sphere_lambda,
-                             theta_policy=theta_policy, grad_mode=grad_mode)
+                             theta_policy=theta_policy, grad_mode=grad_mode, filter_threshold=filter_threshold)
         self.scale = checks.check_scale(scale)
+        self.margin_schedule = margin_schedule
         checks.check_options(label_smoothing, reduction, ignore_index)
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate={sample_rate!r} must be in (0, 1]")
@@ -194,8 +206,11 @@ class PartialFC(torch.nn.Module):
         rows = (self.class_end - self.class_start) * self.sub_centers
         self.weight = torch.nn.Parameter(torch.normal(0, 0.01, (rows, embedding_size)))
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """embeddings (B_r, D), labels (B_r,) of this rank -> the loss over every rank's rows."""
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """embeddings (B_r, D), labels (B_r,) of this rank -> the loss over every rank's rows.
+        norms (B_r,): the embeddings' norms for a margin_schedule that takes them (AdaFace's,
+        where the backbone hands over unit embeddings)."""
         checks.check_types(embeddings, labels)
         checks.check_embedding_size(type(self).__name__, self.embedding_size, embeddings)
         checks.check_inputs(embeddings, self.weight, labels, self.sub_centers, self.ignore_index,
@@ -206,9 +221,15 @@ class PartialFC(torch.nn.Module):
             sizes = _sizes(len(labels), embeddings.device, self.group)
             x = _GatherEmbeddings.apply(embeddings, sizes, self.group)
             labels = _all_gather_rows(labels.long(), sizes, self.group)
+            if norms is not None:
+                norms = _all_gather_rows(norms.detach(), sizes, self.group)
         valid = labels != self.ignore_index
         local = labels - self.class_start
         local = torch.where(valid & (local >= 0) & (local < self.class_end - self.class_start), local, -1)
+        margin, scale, extra, target_cos = self.margin, self.scale, None, None
+        if self.margin_schedule is not None:
+            margin, scale, extra, target_cos = self._scheduled(x, labels, local, norms)
+            margin.check_rows(x.shape[0], x.device)
         weight, num_classes = self.weight, self.num_classes
         if self.sample_rate < 1.0 and self.training:
             weight, local, num_classes = self._sampled(local)
@@ -217,11 +238,33 @@ class PartialFC(torch.nn.Module):
             x, weight = x.to(self.operand_dtype), weight.to(self.operand_dtype)
         # 'auto' picks for the dtype the fused call reads (half with operand_dtype) and this margin.
         row_statistics = backends.implementation(
-            backends.select(self.backend, x.device, x.dtype, self.margin.kind, self.sub_centers, x.shape[1]))
-        stats = row_statistics(x, weight, local, self.margin, self.scale, self.sub_centers, self.chunk_size)
+            backends.select(self.backend, x.device, x.dtype, margin.kind, self.sub_centers, x.shape[1]))
+        stats = row_statistics(x, weight, local, margin, scale, self.sub_centers, self.chunk_size, target_cos)
         lse, z_target, z_sum = stats if self.group is LOCAL else _CombineStatistics.apply(*stats, self.group)
-        return loss_from_statistics(lse, z_target, z_sum, valid, num_classes, float(self.label_smoothing),
+        loss = loss_from_statistics(lse, z_target, z_sum, valid, num_classes, float(self.label_smoothing),
                                     self.reduction)
+        return loss if extra is None else loss + extra
+
+    def _scheduled(self, x: torch.Tensor, labels: torch.Tensor, local: torch.Tensor, norms: torch.Tensor | None):
+        """(margin, scale, extra loss, target cosines) of margin_schedule for the global batch."""
+        schedule = self.margin_schedule
+        target_cos = None
+        if schedule.needs_target_cos:
+            # Each row's target is on one shard: the others add 0.
+            target_cos = target_cosines(x, self.weight, local, self.sub_centers)
+            if self.group is not LOCAL:
+                dist.all_reduce(target_cos, group=self.group)
+        margin, extra = schedule.step(x, labels, target_cos, norms)
+        if self.group is not LOCAL:
+            if schedule.draws:  # rank 0's draws on every rank
+                for value in margin.row_margins.values():
+                    dist.broadcast(value, dist.get_global_rank(self._group(), 0), group=self.group)
+            if extra is not None:
+                # Every rank adds the same term over all the rows, and the embeddings'
+                # gradients are summed over the ranks: each rank passes 1/P of it.
+                share = extra / self.world_size
+                extra = share + (extra - share).detach()
+        return margin, schedule.scale, extra, target_cos
 
     def _sampled(self, local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         # Positives must be those of the whole global batch: `local` already is global.

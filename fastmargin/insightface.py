@@ -45,7 +45,7 @@ class _MarginSoftmax(torch.nn.Module):
     """Target transform psi(c) = cos(m1*theta + m2) - m3 on cosine logits, insightface style.
 
     `margin_spec` is the fastmargin.margins.Margin that PartialFC_V2 fuses (it validates
-    the margins: m1 in (0, 100], m2 in [0, pi), m3 in [0, 2]), `scale` the logit scale s as
+    the margins: m1 in (0, 100], m2 in (-pi, pi), m3 in [-2, 2]), `scale` the logit scale s as
     a float. The subclasses keep insightface's attribute names (s, m1, m2, m3, margin, m).
 
     Called on logits, psi is insightface's formula everywhere, also past theta* =
@@ -58,11 +58,15 @@ class _MarginSoftmax(torch.nn.Module):
                  grad_mode: str) -> None:
         super().__init__()
         self.scale = checks.check_scale(s)
-        self.margin_spec = Margin(m1=m1, m2=m2, m3=m3, grad_mode=grad_mode)
         threshold = interclass_filtering_threshold
         if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool) or not math.isfinite(threshold):
             raise ValueError(f"interclass_filtering_threshold={threshold!r} must be a finite number")
         self._threshold = float(threshold)
+        # insightface filters where the threshold is > 0; a cosine never passes 1, so a
+        # threshold at or above 1 filters nothing.
+        filtering = 0 < self._threshold < 1
+        self.margin_spec = Margin(m1=m1, m2=m2, m3=m3, grad_mode=grad_mode,
+                                  filter_threshold=self._threshold if filtering else None)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Margined, scaled logits, as insightface's margin losses return them.
@@ -116,8 +120,8 @@ class CombinedMarginLoss(_MarginSoftmax):
 
     grad_mode (keyword): 'detached' (default), insightface's straight-through gradient, the
     margin changing the forward value only; 'exact', the true gradient of psi.
-    interclass_filtering_threshold > 0 works when called on logits; PartialFC_V2 cannot
-    fuse it yet and raises NotImplementedError.
+    interclass_filtering_threshold t > 0: non-target cosines above t become 0, without
+    gradient, as insightface filters them; PartialFC_V2 applies it in the fused kernels.
     """
 
     def __init__(self, s: float, m1: float, m2: float, m3: float, interclass_filtering_threshold: float = 0, *,
@@ -162,9 +166,9 @@ def fused_margin(margin_loss: object) -> tuple[Margin, float]:
     """(Margin, scale) that fastmargin's kernels apply for an insightface margin loss.
 
     margin_loss: this module's CombinedMarginLoss, ArcFace or CosFace, or insightface's own
-    (losses.py), whose gradient is the detached one. Raises NotImplementedError for inter-class
-    filtering, TypeError for any other callable: a function of the materialised logits
-    cannot be fused into a kernel that never forms them.
+    (losses.py), whose gradient is the detached one; its interclass_filtering_threshold is
+    the Margin's filter_threshold. Raises TypeError for any other callable: a function of
+    the materialised logits cannot be fused into a kernel that never forms them.
     """
     if not isinstance(margin_loss, _MarginSoftmax):
         attributes, ours = _INSIGHTFACE_ATTRIBUTES.get(type(margin_loss).__name__, ((), None))
@@ -174,11 +178,6 @@ def fused_margin(margin_loss: object) -> tuple[Margin, float]:
                 "into the kernel and cannot call a function on the logits; pass "
                 "fastmargin.insightface.CombinedMarginLoss, ArcFace or CosFace (or insightface's own)")
         margin_loss = ours(*(getattr(margin_loss, a) for a in attributes))
-    if margin_loss._threshold > 0:
-        raise NotImplementedError(
-            f"interclass_filtering_threshold={margin_loss._threshold}: insightface's inter-class filtering "
-            "(non-target cosines above the threshold set to 0) is not in fastmargin's fused kernels yet, so "
-            "PartialFC_V2 cannot apply it; use 0 for now. Calling the margin loss on logits does filter.")
     return margin_loss.margin_spec, margin_loss.scale
 
 
@@ -230,7 +229,8 @@ class PartialFC_V2(PartialFC):  # noqa: N801 - insightface's name
         margin, scale = fused_margin(margin_loss)
         distributed = dist.is_available() and dist.is_initialized()
         super().__init__(num_classes, embedding_size, scale=scale, m1=margin.m1, m2=margin.m2, m3=margin.m3,
-                         grad_mode=margin.grad_mode, theta_policy=margin.theta_policy, ignore_index=-1,
+                         grad_mode=margin.grad_mode, theta_policy=margin.theta_policy,
+                         filter_threshold=margin.filter_threshold, ignore_index=-1,
                          sample_rate=sample_rate, backend=backend, chunk_size=chunk_size,
                          group=None if distributed else LOCAL,
                          operand_dtype=torch.float16 if fp16 else None)

@@ -15,6 +15,7 @@ surfaces as an error in bounded time, and examples/train_distributed.py under to
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -31,7 +32,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastmargin
-from fastmargin import backends
+import fastmargin.adaptive
+from fastmargin import backends, reference
+from fastmargin.functional import margin_loss
 from fastmargin.distributed import PartialFC, class_range, sample_classes
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -68,6 +71,8 @@ class Case:
     sample_rate: float = 1.0
     eval_mode: bool = False
     seed: int = 0
+    schedule: tuple[str, dict] | None = None  # a fastmargin.adaptive schedule: (class name, kwargs)
+    unit_norms: bool = False  # the rows handed over as x / ||x||, with their norms (AdaFace's convention)
 
     def sampling_seed(self, rank: int) -> int:
         return 1000 * self.seed + rank
@@ -100,9 +105,22 @@ OPTION_SETS = {
                              ignored=(3,), seed=2),
     "sample-eval": dict(options=ARC, C=40, sample_rate=0.5, eval_mode=True),
 }
+# Margins made every step from the global batch (fastmargin.adaptive), over SCHEDULE_STEPS
+# steps: the statistics they keep and the margins they draw must be the global batch's.
+SCHEDULES = {
+    "adaface": dict(schedule=("AdaFace", dict(t_alpha=0.5, s=16.0)), ignored=(2,)),
+    "adaface-norms": dict(schedule=("AdaFace", dict(t_alpha=0.5, s=16.0)), unit_norms=True),
+    "elastic-arc-plus": dict(schedule=("ElasticArc", dict(s=16.0, std=0.05, plus=True)), labels="other_shard"),
+    "elastic-cos": dict(schedule=("ElasticCos", dict(s=16.0, std=0.05)), options=dict(sub_centers=2)),
+    "magface": dict(schedule=("MagFace", dict(scale=16.0, l_a=1.0, u_a=5.0, easy_margin=False))),
+    "curricular": dict(schedule=("Curricular", dict(s=16.0)), ignored=(1,), sizes=(6, 0, 5, 3)),
+}
+SCHEDULE_STEPS = 2
 CASES = [Case(f"{name}-{'fp64' if dtype == torch.float64 else 'fp32'}-{backend}", dtype=dtype, backend=backend,
               **spec)
          for name, spec in OPTION_SETS.items() for dtype in (torch.float64, torch.float32) for backend in BACKENDS]
+CASES += [Case(f"{name}-fp64-{backend}", backend=backend, **spec) for name, spec in SCHEDULES.items()
+          for backend in BACKENDS]
 
 WORLD_SIZES = [1, 2, 3, pytest.param(4, marks=pytest.mark.slow)]
 
@@ -146,6 +164,48 @@ def kept_classes(case: Case, labels: torch.Tensor, world: int) -> torch.Tensor:
     return torch.cat(kept)
 
 
+def make_schedule(case: Case, rank: int) -> torch.nn.Module:
+    """The case's schedule; ElasticFace's draws seeded differently on every rank (the module
+    must hand out rank 0's)."""
+    name, kwargs = case.schedule
+    if name.startswith("Elastic"):
+        kwargs = dict(kwargs, generator=torch.Generator().manual_seed(500 + rank))
+    return getattr(fastmargin.adaptive, name)(**kwargs)
+
+
+def step_inputs(case: Case, world: int, step: int):
+    """inputs() of a schedule case's step (a fresh batch each step), and the norms handed
+    over with unit rows (None otherwise)."""
+    x, w, y, sizes = inputs(dataclasses.replace(case, seed=case.seed + 10 * step), world)
+    if not case.unit_norms:
+        return x, w, y, sizes, None
+    norms = x.norm(dim=1) * 4.0  # AdaFace's norms: any positive numbers beside the unit rows
+    return x / x.norm(dim=1, keepdim=True), w, y, sizes, norms
+
+
+def scheduled_single_process(case: Case, world: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per step, (loss, dX, dW) of the schedule's margin on the whole batch and W, through
+    fastmargin.functional.margin_loss, with its extra term; one schedule over the steps."""
+    schedule = make_schedule(case, rank=0).to(case.dtype)  # its buffers, as PartialFC's .to(dtype) casts them
+    ignore_index = case.options.get("ignore_index", -100)
+    _, w0, _, _, _ = step_inputs(case, world, 0)  # W stays step 0's: no optimizer steps between
+    results = []
+    for step in range(SCHEDULE_STEPS):
+        x, _, y, _, norms = step_inputs(case, world, step)
+        x.requires_grad_(True)
+        w = w0.clone().requires_grad_(True)
+        k = case.options.get("sub_centers", 1)
+        rows = torch.where(y != ignore_index, y, -1)
+        target_cos = reference.target_cosines(x, w, rows, k) if schedule.needs_target_cos else None
+        margin, extra = schedule.step(x, rows, target_cos, norms)
+        loss, _ = margin_loss(x, w, y, margin, schedule.scale, sub_centers=k, backend=case.backend,
+                              target_cos=target_cos)
+        loss = loss if extra is None else loss + extra
+        loss.backward()
+        results.append((loss.detach(), x.grad, w.grad))
+    return results
+
+
 def single_process(case: Case, world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, dX, dW) of fastmargin.margin_cross_entropy on the whole batch and W; with
     sampling, on the rows of W of the kept classes, labels renumbered into them."""
@@ -183,7 +243,28 @@ def assert_rel(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -> 
 # ---- what each rank runs ------------------------------------------------------------------
 
 
+def run_scheduled_case(case: Case, rank: int, world: int) -> dict:
+    """SCHEDULE_STEPS steps of PartialFC with the case's schedule; per step the loss, this
+    rank's dX and its shard's dW."""
+    _, w, _, _, _ = step_inputs(case, world, 0)
+    module = PartialFC(case.C, case.D, backend=case.backend, margin_schedule=make_schedule(case, rank),
+                       **case.options)
+    module.to(case.dtype).load_full_weight(w)
+    steps = []
+    for step in range(SCHEDULE_STEPS):
+        x_all, _, y_all, sizes, norms = step_inputs(case, world, step)
+        start, end = sum(sizes[:rank]), sum(sizes[: rank + 1])
+        x = x_all[start:end].clone().requires_grad_(True)
+        module.weight.grad = None
+        loss = module(x, y_all[start:end], None if norms is None else norms[start:end])
+        loss.backward()
+        steps.append({"loss": loss.detach(), "dx": x.grad, "dw": module.weight.grad.clone()})
+    return {"steps": steps, "range": (module.class_start, module.class_end)}
+
+
 def run_case(case: Case, rank: int, world: int) -> dict:
+    if case.schedule is not None:
+        return run_scheduled_case(case, rank, world)
     x_all, w, y_all, sizes = inputs(case, world)
     start = sum(sizes[:rank])
     x = x_all[start : start + sizes[rank]].clone().requires_grad_(True)
@@ -279,14 +360,19 @@ def world(request, tmp_path_factory) -> World:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_matches_single_process(world, case):
     results = world.results(case.name)
-    loss, dx, dw = single_process(case, world.size)
-    tol, what = TOL[case.dtype], f"world {world.size}, {case.name}"
+    if case.schedule is None:
+        steps, wants = [results], [single_process(case, world.size)]
+    else:
+        steps = [[r["steps"][step] | {"range": r["range"]} for r in results] for step in range(SCHEDULE_STEPS)]
+        wants = scheduled_single_process(case, world.size)
     k = case.options.get("sub_centers", 1)
-    for rank, r in enumerate(results):
-        assert r["range"] == class_range(case.C, rank, world.size), f"{what}: rank {rank} holds {r['range']}"
-        assert_rel(r["loss"], loss, tol, f"{what}: loss on rank {rank}")
-        assert_rel(r["dw"], dw[r["range"][0] * k : r["range"][1] * k], tol, f"{what}: dW of rank {rank}'s shard")
-    assert_rel(torch.cat([r["dx"] for r in results]), dx, tol, f"{what}: dX, every rank's rows")
+    for step, (got, (loss, dx, dw)) in enumerate(zip(steps, wants)):
+        tol, what = TOL[case.dtype], f"world {world.size}, {case.name}, step {step}"
+        for rank, r in enumerate(got):
+            assert r["range"] == class_range(case.C, rank, world.size), f"{what}: rank {rank} holds {r['range']}"
+            assert_rel(r["loss"], loss, tol, f"{what}: loss on rank {rank}")
+            assert_rel(r["dw"], dw[r["range"][0] * k : r["range"][1] * k], tol, f"{what}: dW of rank {rank}'s shard")
+        assert_rel(torch.cat([r["dx"] for r in got]), dx, tol, f"{what}: dX, every rank's rows")
 
 
 def test_sampling_drops_negatives(world):

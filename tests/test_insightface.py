@@ -70,8 +70,16 @@ def insightface_logits(cos: torch.Tensor, labels: torch.Tensor, s: float, m1: fl
 
 
 def insightface_loss(x, w, labels, margin_loss, grad_mode="detached"):
-    """The mean loss over rows whose label is not -1; x (B, D), w (C, D), float64 math."""
+    """The mean loss over rows whose label is not -1; x (B, D), w (C, D), float64 math.
+    With interclass_filtering_threshold t > 0, non-target cosines above t become 0 (no
+    gradient) before the margin, as insightface's CombinedMarginLoss filters."""
     cos = F.linear(F.normalize(x), F.normalize(w)).clamp(-1, 1)
+    threshold = getattr(margin_loss, "interclass_filtering_threshold", 0)
+    if threshold > 0:
+        target = torch.zeros_like(cos, dtype=torch.bool)
+        rows = torch.arange(len(labels))[labels != -1]
+        target[rows, labels[rows]] = True
+        cos = cos.masked_fill((cos > threshold).detach() & ~target, 0.0)
     s, m1, m2, m3 = margin_numbers(margin_loss)
     return F.cross_entropy(insightface_logits(cos, labels, s, m1, m2, m3, grad_mode), labels, ignore_index=-1)
 
@@ -84,6 +92,10 @@ def margin_numbers(margin_loss) -> tuple[float, float, float, float]:
     return margin_loss.s, margin_loss.m1, margin_loss.m2, margin_loss.m3
 
 
+# insightface's interclass filtering threshold of its wf12m configs (0 elsewhere).
+FILTER_THRESHOLD = 0.4
+
+
 def make_margin(name: str, grad_mode: str = "detached"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # 'combined' warns that insightface would ignore m1, m2
@@ -92,6 +104,7 @@ def make_margin(name: str, grad_mode: str = "detached"):
             "cosface": lambda: CosFace(64.0, 0.35, grad_mode=grad_mode),
             "train_v2": lambda: CombinedMarginLoss(64, 1.0, 0.5, 0.0, 0, grad_mode=grad_mode),
             "combined": lambda: CombinedMarginLoss(32.0, 0.9, 0.4, 0.15, grad_mode=grad_mode),
+            "filter": lambda: CombinedMarginLoss(64, 1.0, 0.5, 0.0, FILTER_THRESHOLD, grad_mode=grad_mode),
         }[name]()
 
 
@@ -111,7 +124,7 @@ class Case:
         return f"{self.margin}-{self.grad_mode}-{kind}"
 
 
-CASES = [Case(m, g) for m in ("arcface", "cosface", "combined") for g in ("detached", "exact")] + [
+CASES = [Case(m, g) for m in ("arcface", "cosface", "combined", "filter") for g in ("detached", "exact")] + [
     Case("train_v2", dtype=torch.float32), Case("train_v2", dtype=torch.float32, fp16=True)]
 
 
@@ -211,6 +224,12 @@ def test_matches_insightface_formulas(world, case):
         x, w, labels, sizes = reference_inputs(case, step, world.size)
         valid = labels != -1
         assert (F.cosine_similarity(x[valid], w[labels[valid]]) > -math.cos(0.5) + 0.1).all(), "inputs leave theta*"
+        if case.margin == "filter":
+            cos = F.linear(F.normalize(x), F.normalize(w))
+            others = torch.arange(C) != labels.unsqueeze(1)
+            filtered = int(((cos > FILTER_THRESHOLD) & others).sum())
+            assert filtered >= 3, f"the filter changes {filtered} cosines"
+            assert ((cos - FILTER_THRESHOLD).abs() > 1e-6).all(), "a cosine on the threshold"
         x.requires_grad_(True)
         w.requires_grad_(True)
         loss = insightface_loss(x, w, labels, margin_loss, case.grad_mode)
@@ -405,15 +424,14 @@ def test_insightface_own_margin_objects_are_read():
     assert fused_margin(cosface) == fused_margin(CosFace(64.0, 0.4))
     assert fused_margin(arcface) == fused_margin(ArcFace(32.0, 0.3))
     filtered = type("CombinedMarginLoss", (), dict(s=64, m1=1.0, m2=0.5, m3=0.0, interclass_filtering_threshold=0.4))()
-    with pytest.raises(NotImplementedError):
-        PartialFC_V2(filtered, 4, 10)
+    assert fused_margin(filtered) == fused_margin(CombinedMarginLoss(64, 1.0, 0.5, 0.0, 0.4))
 
 
-def test_interclass_filtering_threshold_raises():
-    with pytest.raises(NotImplementedError, match=r"interclass_filtering_threshold=0\.4: .* not in fastmargin's fused "
-                                                  r"kernels yet"):
-        PartialFC_V2(CombinedMarginLoss(64, 1.0, 0.5, 0.0, 0.4), 4, 10)
-    PartialFC_V2(CombinedMarginLoss(64, 1.0, 0.5, 0.0, 0.0), 4, 10)
+@pytest.mark.parametrize("threshold, fused", [(0.4, 0.4), (0, None), (-0.3, None), (1.0, None), (2.0, None)])
+def test_interclass_filtering_threshold_is_fused(threshold, fused):
+    # insightface filters where the threshold is > 0; cosines never pass 1.
+    margin, _ = fused_margin(CombinedMarginLoss(64, 1.0, 0.5, 0.0, threshold))
+    assert margin.filter_threshold == fused
 
 
 @pytest.mark.parametrize("margin_loss", [lambda logits, labels: logits, torch.nn.Identity()],
@@ -425,7 +443,7 @@ def test_other_callables_raise(margin_loss):
 
 @pytest.mark.parametrize("make, match", [
     (lambda: ArcFace(margin=3.2), "m2"),
-    (lambda: CosFace(m=-0.1), "m3"),
+    (lambda: CosFace(m=2.5), "m3"),
     (lambda: ArcFace(s=0), "scale"),
     (lambda: ArcFace(grad_mode="straight"), "grad_mode"),
 ])
