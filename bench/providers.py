@@ -35,6 +35,9 @@ LOSS_KWARGS = {
     "cosface": dict(m3=COSFACE_M, scale=SCALE),
     # SphereFace's scale is the feature norm (S_i = s * ||x_i||, s = 1), as in opensphere.
     "sphereface": dict(sphere_m=SPHERE_M, scale=1.0),
+    # ArcFace with its margin as a (B,) tensor, every row 0.5 (per-row margins: AdaFace,
+    # ElasticFace, MagFace): the same numbers as 'arcface', the cost of a column a row.
+    "arcface_rows": dict(m2=ARCFACE_M, scale=SCALE),
     "ce": None,
 }
 
@@ -137,6 +140,9 @@ def _fastmargin(backend: str, loss: str = "arcface") -> Callable[[Case, torch.de
     def build(case: Case, device: torch.device) -> Workload:
         x, w, labels = make_inputs(case, device)
         kwargs = LOSS_KWARGS[loss]
+        if loss == "arcface_rows":
+            compute = torch.float64 if case.torch_dtype == torch.float64 else torch.float32
+            kwargs = dict(kwargs, m2=torch.full((case.B,), ARCFACE_M, device=device, dtype=compute))
 
         def forward() -> torch.Tensor:
             return fastmargin.margin_cross_entropy(x, w, labels, sub_centers=case.K, backend=backend, **kwargs)
@@ -314,11 +320,17 @@ def all_providers() -> list[Provider]:
         for name in backends.BACKENDS
     ]
     # The other margins on the CPU kernel: CosFace (no angle) and SphereFace (per-row scale,
-    # Chebyshev target), so the CPU sweep covers each branch of its element pass.
+    # Chebyshev target), so the CPU sweep covers each branch of its element pass; and ArcFace
+    # with a (B,) margin beside the scalar one on every fused backend.
     providers += [
         Provider(f"fastmargin:cpu:{loss}", _fastmargin("cpu", loss), backend="cpu", loss=loss, bc_tensors=0.5,
                  unavailable=_fastmargin_reason("cpu"))
         for loss in ("cosface", "sphereface")
+    ]
+    providers += [
+        Provider(f"fastmargin:{name}:arcface_rows", _fastmargin(name, "arcface_rows"), backend=name,
+                 loss="arcface_rows", bc_tensors=0.5, unavailable=_fastmargin_reason(name))
+        for name in backends.BACKENDS if name != "reference"
     ]
     providers += [
         Provider("pml:ArcFaceLoss", _pml("ArcFaceLoss", math.degrees(ARCFACE_M)), bc_tensors=9.0,
