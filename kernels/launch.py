@@ -50,7 +50,7 @@ def config(D: int, K: int, dtype: torch.dtype, backward: bool) -> Config:
     """Tiles of 64 rows; 128 weight rows forward, 64 backward with outputs of up to 256
     columns of D. For bf16 on sm_90 these are the largest that ptxas fits in 255 registers
     a thread at 8 warps without spilling (the backward's dW kernel spills 192 bytes); 64 x 128
-    x 256 backward spills 4 KB (tests/test_triton.py::test_compiles_for_sm90 prints them).
+    x 256 backward spills 4 KB (tests/test_triton.py::test_compiles_with_tensor_cores compiles them).
     fp64 tiles are a quarter. Under the interpreter mid-sized tiles: numpy's cost is per
     tile, and tests still cross tile edges on small shapes."""
     k_pad = triton.next_power_of_2(K)
