@@ -89,12 +89,19 @@ def slug(name: str) -> str:
 
 
 def _commit() -> str:
+    """HEAD's short hash, with '+dirty' where tracked files other than bench/results (which
+    a run writes) differ from it: the rows then measure code no commit holds."""
     try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10)
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":!bench/results", ":!bench/README.md"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return out.stdout.strip() or "unknown"
+    commit = head.stdout.strip()
+    if not commit:
+        return "unknown"
+    return commit + "+dirty" if dirty.stdout.strip() else commit
 
 
 def environment(device: torch.device) -> dict:

@@ -8,7 +8,7 @@ the README's markers; only the latest run of each (provider, case) counts.
 
 A CSV may hold rows of several runs (a sweep, a re-run of some providers, another suite).
 A run is a (commit, date) pair of the rows: `commit` is the checkout's HEAD when the run
-started and `date` its start time (bench/measure.py environment()). Every legend entry
+started (+dirty where the code differed from it) and `date` its start time (bench/measure.py environment()). Every legend entry
 and every table row names the runs its numbers come from.
 """
 
@@ -269,7 +269,7 @@ def readme_section(csvs: list[Path], readme_dir: Path) -> str:
 def _runs_list(rows: list[dict]) -> str:
     """The runs behind the tables: letter, commit, start, and which providers each measured."""
     lines = ["Runs (the `run` column below; commit: the checkout's HEAD when the run started, "
-             "uncommitted changes not recorded):", ""]
+             "+dirty where the code differed from it):", ""]
     for (commit, date), letter in runs(rows).items():
         names = [n for n in _providers(rows) if any(r["provider"] == n and (r["commit"], r["date"]) == (commit, date)
                                                     for r in rows)]
