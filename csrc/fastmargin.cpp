@@ -290,6 +290,7 @@ pybind11::dict build_info() {
   info["openmp"] = false;
   info["omp_max_threads"] = 1;
 #endif
+  info["cpu_bf16_gemms"] = fastmargin::margin_ce_cpu_bf16_gemms();  // this CPU, at call time
   // GCC's __VERSION__ is the bare number; Clang's names itself.
 #if defined(__GNUC__) && !defined(__clang__)
   info["compiler"] = "GCC " __VERSION__;
@@ -324,5 +325,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The fused backward's partials: (dx_hat (splits, B, D), norm_grad (splits, B), dw) (csrc/cuda/margin_ce_bwd.cu).");
 #endif
   m.def("build_info", &build_info,
-        "How fastmargin._C was compiled: CUDA and its version, OpenMP, compiler, torch.");
+        "How fastmargin._C was compiled: CUDA and its version, OpenMP, compiler, torch; and whether this CPU "
+        "runs bf16 inputs' GEMMs on AVX512-BF16.");
 }

@@ -146,10 +146,16 @@ def tol(backend, dtype):
     return BACKEND_TOL.get(backend, TOL)[dtype]
 
 
-# The backends whose backward GEMMs take dcos rounded to the inputs' dtype where both
-# inputs are half (tensor cores multiply two halves, DESIGN §4): one rounding more than the
-# CPU kernel's fp32 GEMMs, so their half-input gradients are held to twice the dtype's eps.
-HALF_DCOS_OPERANDS = ("triton", "cuda")
+def half_dcos_operands(backend: str, dtype: torch.dtype) -> bool:
+    """Whether `backend`'s backward GEMMs take dcos rounded to `dtype` where both inputs are
+    of that half dtype (docs/design.md §4): the GPU backends' tensor cores, and the cpu
+    kernel's bf16 GEMMs on a CPU with AVX512-BF16. One rounding more than fp32 GEMMs, so
+    such half-input gradients are held to twice the dtype's eps."""
+    from fastmargin import _extension
+
+    if backend in ("triton", "cuda"):
+        return True
+    return backend == "cpu" and dtype == torch.bfloat16 and _extension.build_info().get("cpu_bf16_gemms", False)
 
 # The ragged shape of STYLE: no multiple of anything; C = 1001 is 15 blocks of 64 and 41.
 B, C, D = 37, 1001, 67

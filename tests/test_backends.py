@@ -34,10 +34,10 @@ import fastmargin
 from fastmargin import backends, margins, reference
 from fastmargin.margins import Margin
 from helpers import (
-    B, C, CHUNK, D, DTYPES, GRAD_MODES, HALF_DCOS_OPERANDS, MARGINS, OPTION_MARGINS, OPTIONS, TOL,
+    B, C, CHUNK, D, DTYPES, GRAD_MODES, MARGINS, OPTION_MARGINS, OPTIONS, TOL,
     assert_close, assert_finite, assert_rel, backend_params, branches, check_against_reference, device_of,
     ANGLES, geometric_inputs, gpu_backend_params, margin_of, op_options, option_inputs, reference_bound, rounding_floors,
-    run, suite_threads, to_device, tol, upstream_weights,
+    half_dcos_operands, run, suite_threads, to_device, tol, upstream_weights,
 )
 
 every_backend = pytest.mark.parametrize("backend", backend_params())
@@ -547,8 +547,8 @@ def test_half_inputs(backend, name, x_dtype, w_dtype, eps):
     fp32 run on the rounded inputs; gradients come back in each input's dtype, within the
     dtype's rounding (its eps) of the fp32 gradients, twice that where both inputs are half
     on a backend whose backward GEMMs take dcos rounded to the inputs' dtype
-    (helpers.HALF_DCOS_OPERANDS: tensor cores multiply two halves)."""
-    tol = 2 * eps if backend in HALF_DCOS_OPERANDS and x_dtype == w_dtype else eps
+    (helpers.half_dcos_operands: tensor cores, and AVX512-BF16, multiply two halves)."""
+    tol = 2 * eps if half_dcos_operands(backend, x_dtype) and x_dtype == w_dtype else eps
     x, w, y = geometric_inputs(K=2, dtype=torch.float32)
     x, w = x.to(x_dtype), w.to(w_dtype)
     kwargs = dict(sub_centers=2, label_smoothing=0.1, reduction="none", chunk_size=CHUNK, **MARGINS[name])

@@ -27,6 +27,7 @@ BUILD_INFO_TYPES = {
     "cuda": bool,
     "openmp": bool,
     "omp_max_threads": int,
+    "cpu_bf16_gemms": bool,
     "compiler": str,
     "torch_version": str,
 }

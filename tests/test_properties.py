@@ -211,7 +211,7 @@ def check_case(backend, device, case):
         rounding_floor = rounding[key].max().item() if rounding[key].numel() else 0.0
         # A gradient is stored in its input's dtype: where that is coarser than the compute
         # dtype (half inputs; fp32 beside fp64) half an ulp of it, and up to as much again
-        # where the backward's GEMM took dcos rounded to it (helpers.HALF_DCOS_OPERANDS).
+        # where the backward's GEMM took dcos rounded to it (helpers.half_dcos_operands).
         stored = {"dx": x.dtype, "dW": w.dtype}.get(key, compute)
         if torch.finfo(stored).eps > torch.finfo(compute).eps:
             rounding_floor += 2 * torch.finfo(stored).eps * scale

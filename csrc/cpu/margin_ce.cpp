@@ -163,70 +163,89 @@ FM_CPU_CLONES void row_norms(const T* v, int64_t sr, int64_t sd, int64_t dim, in
   }
 }
 
-// The logits' GEMM for bfloat16 x and W on CPUs with AVX512-BF16 (VDPBF16PS: 16 fp32 lanes,
-// each adding two exact bf16 x bf16 products), where MKL's bf16 GEMM converts to fp32 and runs
-// at its sgemm rate (78 GFLOP/s a core on a Zen 4 EPYC, where this ran at 228, one thread,
+// The GEMMs for bfloat16 x and W on CPUs with AVX512-BF16 (VDPBF16PS: 16 fp32 lanes, each
+// adding two exact bf16 x bf16 products), where MKL's bf16 GEMM converts to fp32 and runs at
+// its sgemm rate (78 GFLOP/s a core on a Zen 4 EPYC, where this ran at 228, one thread,
 // (512 x 512) @ (512 x 256)). The products of two bf16 are exact in fp32 and the sums are
-// fp32, as in the fp32 GEMM of the same values: only the order of the additions differs.
-// Denormal bf16 inputs count as zero (the instruction's rule). x is packed once per call in
-// pairs along D, 16 rows a panel: xp[panel][pair][16][2], B padded to 32 rows and D to an
-// even count with zeros; each W row is read in place, a pair at a time, broadcast.
+// fp32, as in the fp32 GEMM of the same values: the logits differ only in the order of the
+// additions. The backward's operand G is rounded to bf16 first, as the GPU backends' tensor
+// cores take it (DESIGN §4): one rounding, relative, per element. Denormal bf16 inputs count
+// as zero (the instruction's rule).
 #ifdef FM_BF16_DOTS
+#define FM_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
 bool cpu_has_bf16_dots() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512bf16");
   return has;
 }
 
-at::Tensor pack_bf16_pairs(const at::Tensor& x) {
-  const int64_t B = x.size(0), D = x.size(1), sb = x.stride(0), sd = x.stride(1), pairs = (D + 1) / 2;
-  const int64_t panels = (B + 31) / 32 * 2;
-  at::Tensor out = at::zeros({panels * pairs * 32}, x.options().dtype(at::kShort));
-  const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr());
-  uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr());
-  for (int64_t i = 0; i < B; ++i) {
-    for (int64_t d = 0; d < D; ++d) dst[((i / 16 * pairs + d / 2) * 16 + i % 16) * 2 + d % 2] = src[i * sb + d * sd];
+inline uint16_t bf16_bits(uint16_t v) { return v; }
+inline uint16_t bf16_bits(float v) { return c10::BFloat16(v).x; }  // round to nearest even, as torch
+
+// uint16 elements of a matrix of n columns and k sums packed by pack_pairs.
+inline int64_t packed_size(int64_t n, int64_t k) { return (n + 31) / 32 * 2 * ((k + 1) / 2) * 32; }
+
+// The packed operand of bf16_gemm: src (n, k) with strides (sn, sk), bf16 bits or fp32 (then
+// rounded to bf16), laid out as out[panel][pair][16][2] = src[16 panel + l, 2 pair + h]: 16
+// columns a panel, in pairs along k; n padded to 32 columns and k to an even count, with zeros.
+template <typename S>
+FM_BF16_TARGET void pack_pairs(const S* src, int64_t n, int64_t k, int64_t sn, int64_t sk, uint16_t* out) {
+  const int64_t pairs = (k + 1) / 2, panels = (n + 31) / 32 * 2;
+  for (int64_t panel = 0; panel < panels; ++panel) {
+    for (int64_t pair = 0; pair < pairs; ++pair) {
+      uint16_t* o = out + (panel * pairs + pair) * 32;
+      for (int64_t l = 0; l < 16; ++l) {
+        const int64_t col = panel * 16 + l, k0 = 2 * pair;
+        o[2 * l] = col < n ? bf16_bits(src[col * sn + k0 * sk]) : 0;
+        o[2 * l + 1] = col < n && k0 + 1 < k ? bf16_bits(src[col * sn + (k0 + 1) * sk]) : 0;
+      }
+    }
   }
-  return out;
 }
 
-// c (rows, B) = w (rows, D; bf16, row stride sw, elements contiguous) @ xᵀ, x packed above.
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) void bf16_dots(const uint16_t* w, int64_t sw, int64_t rows,
-                                                                        int64_t D, const uint16_t* xp, int64_t B,
-                                                                        float* c) {
-  constexpr int kRows = 6;  // 6 W rows x 32 batch rows: 12 accumulators
-  const int64_t pairs = (D + 1) / 2, whole = D / 2;
-  for (int64_t i0 = 0; i0 < B; i0 += 32) {
-    const uint16_t* xa = xp + i0 / 16 * pairs * 32;
+// c (m, n) = a @ b, or c + a @ b where `accumulate`: a (m, k) bf16 with strides (sam, sak), b
+// packed by pack_pairs from its (n, k) transpose, c fp32 with row stride ldc. 6 rows of a by
+// 32 columns of b a step: 12 accumulators, a's pair broadcast (one 32-bit load where sak == 1).
+FM_BF16_TARGET void bf16_gemm(const uint16_t* a, int64_t sam, int64_t sak, int64_t m, int64_t k, const uint16_t* bp,
+                              int64_t n, float* c, int64_t ldc, bool accumulate) {
+  constexpr int kRows = 6;
+  const int64_t pairs = (k + 1) / 2, whole = k / 2;
+  for (int64_t i0 = 0; i0 < n; i0 += 32) {
+    const uint16_t* xa = bp + i0 / 16 * pairs * 32;
     const uint16_t* xb = xa + pairs * 32;
-    const int64_t na = std::min<int64_t>(16, B - i0), nb = std::max<int64_t>(0, std::min<int64_t>(16, B - i0 - 16));
+    const int64_t na = std::min<int64_t>(16, n - i0), nb = std::max<int64_t>(0, std::min<int64_t>(16, n - i0 - 16));
     const __mmask16 ma = static_cast<__mmask16>((1u << na) - 1), mb = static_cast<__mmask16>((1u << nb) - 1);
-    for (int64_t j0 = 0; j0 < rows; j0 += kRows) {
-      const int nr = static_cast<int>(std::min<int64_t>(kRows, rows - j0));
-      const uint16_t* wr[kRows];
-      for (int r = 0; r < kRows; ++r) wr[r] = w + (j0 + std::min(r, nr - 1)) * sw;
+    for (int64_t j0 = 0; j0 < m; j0 += kRows) {
+      const int nr = static_cast<int>(std::min<int64_t>(kRows, m - j0));
+      const uint16_t* ar[kRows];
+      for (int r = 0; r < kRows; ++r) ar[r] = a + (j0 + std::min(r, nr - 1)) * sam;
       __m512 acc[kRows][2];
-      for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+      for (int r = 0; r < kRows; ++r) {
+        const bool load = accumulate && r < nr;
+        acc[r][0] = load ? _mm512_maskz_loadu_ps(ma, c + (j0 + r) * ldc + i0) : _mm512_setzero_ps();
+        acc[r][1] = load && nb > 0 ? _mm512_maskz_loadu_ps(mb, c + (j0 + r) * ldc + i0 + 16) : _mm512_setzero_ps();
+      }
       for (int64_t p = 0; p < pairs; ++p) {
         const __m512bh b0 = (__m512bh)_mm512_loadu_si512(xa + p * 32);
         const __m512bh b1 = (__m512bh)_mm512_loadu_si512(xb + p * 32);
-        const bool last_half = p == whole;  // an odd D's last element, paired with 0
+        const bool last_half = p == whole;  // an odd k's last element, paired with 0
 #pragma GCC unroll 6
         for (int r = 0; r < kRows; ++r) {
-          int32_t pair;  // (w[2p], w[2p + 1]) as one 32-bit lane
-          if (last_half) {
-            pair = wr[r][2 * p];
+          uint32_t pair;  // (a[2p], a[2p + 1]) as one 32-bit lane
+          if (sak == 1 && !last_half) {
+            std::memcpy(&pair, ar[r] + 2 * p, 4);
           } else {
-            std::memcpy(&pair, wr[r] + 2 * p, 4);
+            pair = ar[r][2 * p * sak] | (last_half ? 0u : uint32_t(ar[r][(2 * p + 1) * sak]) << 16);
           }
-          const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
-          acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
-          acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
+          const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(pair));
+          acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
+          acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
         }
       }
       for (int r = 0; r < nr; ++r) {
-        _mm512_mask_storeu_ps(c + (j0 + r) * B + i0, ma, acc[r][0]);
-        if (nb > 0) _mm512_mask_storeu_ps(c + (j0 + r) * B + i0 + 16, mb, acc[r][1]);
+        _mm512_mask_storeu_ps(c + (j0 + r) * ldc + i0, ma, acc[r][0]);
+        if (nb > 0) _mm512_mask_storeu_ps(c + (j0 + r) * ldc + i0 + 16, mb, acc[r][1]);
       }
     }
   }
@@ -242,7 +261,10 @@ struct Walk {
   int64_t stride_param, stride_row;
   MarginFlags flags;
   std::vector<T> x_norm, x_inv_norm, scale;  // (B,): ||x_i||, 1 / max(||x_i||, eps), S_i
-  at::Tensor x_pairs;  // bf16 x packed for bf16_dots, where x and W are bf16 and the CPU has it
+  // Where x and W are bf16 (W's rows contiguous) and the CPU has AVX512-BF16, the GEMMs run
+  // on bf16_gemm: x packed for the logits' GEMM (its columns are the batch rows).
+  bool bf16_gemms = false;
+  std::vector<uint16_t> x_pairs;
 
   // x in the compute dtype (contiguous); x_in as the caller gave it.
   Walk(const at::Tensor& x, const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& labels_,
@@ -268,7 +290,10 @@ struct Walk {
 #ifdef FM_BF16_DOTS
     if (std::is_same_v<T, float> && x_in.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 &&
         w.stride(1) == 1 && cpu_has_bf16_dots()) {
-      x_pairs = pack_bf16_pairs(x_in);
+      bf16_gemms = true;
+      x_pairs.resize(packed_size(B, D));
+      pack_pairs(reinterpret_cast<const uint16_t*>(x_in.data_ptr()), B, D, x_in.stride(0), x_in.stride(1),
+                 x_pairs.data());
     }
 #endif
   }
@@ -296,16 +321,22 @@ struct Walk {
 
 // A thread's buffers for the blocks of its parts: the block's dotsᵀ (then its G), its W
 // rows' norms, and (dw_cols > 0) the block's dw in the compute dtype, where W's is coarser.
+// The backward on bf16_gemm adds G's two bf16 operands (bf16_backward_gemms).
 template <typename T>
 struct Block {
   at::Tensor dots;  // (chunk * K * B,)
   std::vector<T> w_norm, w_inv_norm;  // (chunk * K,)
   at::Tensor dw_buffer;               // (chunk * K, dw_cols) or undefined
+  std::vector<uint16_t> g_pairs, g_scaled;
 
   Block(const Walk<T>& walk, const at::TensorOptions& options, int64_t dw_cols = 0)
       : dots(at::empty({walk.chunk * walk.K * walk.B}, options)), w_norm(walk.chunk * walk.K),
         w_inv_norm(walk.chunk * walk.K) {
     if (dw_cols > 0) dw_buffer = at::empty({walk.chunk * walk.K, dw_cols}, options);
+    if (dw_cols > 0 && walk.bf16_gemms) {
+      g_pairs.resize(packed_size(walk.B, walk.chunk * walk.K));
+      g_scaled.resize(walk.chunk * walk.K * walk.B);
+    }
   }
 
   // Computes the block's dotsᵀ (n*K, B) = w_block @ xᵀ, single-threaded inside a part:
@@ -314,9 +345,9 @@ struct Block {
     at::Tensor out = dots.narrow(0, 0, w_block.size(0) * x.size(0)).view({w_block.size(0), x.size(0)});
 #ifdef FM_BF16_DOTS
     if constexpr (std::is_same_v<T, float>) {
-      if (walk.x_pairs.defined()) {
-        bf16_dots(reinterpret_cast<const uint16_t*>(w_src.data_ptr()), w_src.stride(0), w_src.size(0), walk.D,
-                  reinterpret_cast<const uint16_t*>(walk.x_pairs.data_ptr()), walk.B, out.data_ptr<float>());
+      if (walk.bf16_gemms) {
+        bf16_gemm(reinterpret_cast<const uint16_t*>(w_src.data_ptr()), w_src.stride(0), 1, w_src.size(0), walk.D,
+                  walk.x_pairs.data(), walk.B, out.data_ptr<float>(), walk.B, false);
         return out.data_ptr<T>();
       }
     }
@@ -325,6 +356,26 @@ struct Block {
     return out.data_ptr<T>();
   }
 };
+
+#ifdef FM_BF16_DOTS
+// The backward's two GEMMs of a block on bf16_gemm, G (rows, B) fp32 from the slices: dX̂ᵀ
+// (D, B; += after the part's first block) = W_blockᵀ @ bf16(G), and dw_block (rows, D; fp32,
+// holding the radial term) += bf16(G / ||x||) @ x, x as given (bf16, exact), x_cols it packed
+// along the batch. G's 1 / ||x_i|| is taken before rounding, as the GPU backends take it.
+FM_BF16_TARGET void bf16_backward_gemms(const Walk<float>& walk, Block<float>& blk, const float* g,
+                                       const at::Tensor& w_src, const uint16_t* x_cols, float* dx_hat_t, bool first,
+                                       float* dw_block, int64_t ldw) {
+  const int64_t B = walk.B, D = walk.D, rows = w_src.size(0);
+  const float* inv_x = walk.x_inv_norm.data();
+  pack_pairs(g, B, rows, 1, B, blk.g_pairs.data());
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t i = 0; i < B; ++i) blk.g_scaled[r * B + i] = bf16_bits(g[r * B + i] * inv_x[i]);
+  }
+  const uint16_t* w = reinterpret_cast<const uint16_t*>(w_src.data_ptr());
+  bf16_gemm(w, 1, w_src.stride(0), D, rows, blk.g_pairs.data(), B, dx_hat_t, B, !first);
+  bf16_gemm(blk.g_scaled.data(), B, 1, rows, B, x_cols, D, dw_block, ldw, true);
+}
+#endif
 
 // A row tile's non-target params (nt_lo .. nt_a2, csrc/margin.h nontarget), an array each so
 // that the slice loops stay vectorised: loaded once a row tile, before its class loop.
@@ -652,8 +703,18 @@ void backward_impl(const Upstream<T>& up, const at::Tensor& x, const at::Tensor&
   const int64_t B = walk.B, D = walk.D, K = walk.K;
   const at::Tensor x_inv_norm = at::from_blob(const_cast<T*>(walk.x_inv_norm.data()), {B, 1}, x.options());
   const at::Tensor x_hat = x * x_inv_norm;
-  // Each part's dX̂ and Σ_j dz_ij z_ij / S_i (SphereFace), summed over the parts in order.
-  at::Tensor dx_parts = at::empty({walk.parts, B, D}, x.options());
+  // Each part's dX̂ (transposed, (D, B), on bf16_gemm) and Σ_j dz_ij z_ij / S_i (SphereFace),
+  // summed over the parts in order.
+  at::Tensor dx_parts = walk.bf16_gemms ? at::empty({walk.parts, D, B}, x.options())
+                                        : at::empty({walk.parts, B, D}, x.options());
+  std::vector<uint16_t> x_cols;  // bf16_gemm: x packed along the batch, dW's operand
+#ifdef FM_BF16_DOTS
+  if (walk.bf16_gemms) {
+    x_cols.resize(packed_size(D, B));
+    pack_pairs(reinterpret_cast<const uint16_t*>(x_in.data_ptr()), D, B, x_in.stride(1), x_in.stride(0),
+               x_cols.data());
+  }
+#endif
   std::vector<T> norm_grad_parts(walk.sphereface() ? walk.parts * B : 0, T(0));
   const bool same_dtype = w.scalar_type() == x.scalar_type();
 
@@ -685,8 +746,18 @@ void backward_impl(const Upstream<T>& up, const at::Tensor& x, const at::Tensor&
           backward_slice<T, false, false>(walk, blk, up, wp, wr, wd, g, dwp, ar, ad, c0, j0, j1, nullptr);
         }
       }
+      const bool first = c0 == walk.part_begin(p);
+#ifdef FM_BF16_DOTS
+      if constexpr (std::is_same_v<T, float>) {
+        if (walk.bf16_gemms) {
+          bf16_backward_gemms(walk, blk, g, w_src, x_cols.data(), dx_hat.data_ptr<float>(), first, dwp, ar);
+          dw.narrow(0, c0 * K, rows).copy_(dw_block);
+          continue;
+        }
+      }
+#endif
       const at::Tensor g_block = blk.dots.narrow(0, 0, rows * B).view({rows, B});
-      if (c0 == walk.part_begin(p)) {
+      if (first) {
         at::mm_out(dx_hat, g_block.t(), w_block);
       } else {
         dx_hat.addmm_(g_block.t(), w_block);
@@ -695,8 +766,8 @@ void backward_impl(const Upstream<T>& up, const at::Tensor& x, const at::Tensor&
       if (!same_dtype) dw.narrow(0, c0 * K, rows).copy_(dw_block);
     }
   });
-  at::Tensor dx_hat = dx_parts[0];
-  for (int64_t p = 1; p < walk.parts; ++p) dx_hat.add_(dx_parts[p]);
+  at::Tensor dx_hat = walk.bf16_gemms ? dx_parts[0].t().contiguous() : dx_parts[0];
+  for (int64_t p = 1; p < walk.parts; ++p) dx_hat.add_(walk.bf16_gemms ? dx_parts[p].t() : dx_parts[p]);
   std::vector<T> norm_grad(B, T(0));
   for (int64_t p = 0; p < static_cast<int64_t>(norm_grad_parts.size()) / std::max<int64_t>(1, B); ++p) {
     for (int64_t i = 0; i < B; ++i) norm_grad[i] += norm_grad_parts[p * B + i];
@@ -714,6 +785,14 @@ void backward_impl(const Upstream<T>& up, const at::Tensor& x, const at::Tensor&
 }
 
 }  // namespace
+
+bool margin_ce_cpu_bf16_gemms() {
+#ifdef FM_BF16_DOTS
+  return cpu_has_bf16_dots();
+#else
+  return false;
+#endif
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_ce_cpu_forward(const at::Tensor& x, const at::Tensor& w,
                                                                      const at::Tensor& labels,

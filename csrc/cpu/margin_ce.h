@@ -35,4 +35,8 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_cpu_backward(const at::Tensor& grad
                                                           const MarginFlags& flags, int64_t sub_centers,
                                                           int64_t chunk);
 
+// Whether this CPU runs the GEMMs of bfloat16 x and W on AVX512-BF16 (bf16 products, fp32
+// sums; the backward's operand G rounded to bf16, as on the GPU backends), else on fp32 GEMMs.
+bool margin_ce_cpu_bf16_gemms();
+
 }  // namespace fastmargin
