@@ -2,11 +2,12 @@
 
     python -m bench.sweep --sweep cpu                 # CPU sweep, < 10 min on 2 cores
     python -m bench.sweep --sweep cpu64               # the same shapes in fp64
+    python -m bench.sweep --sweep cpubf16             # and with bf16 x and W
     python -m bench.sweep --sweep gpu --out DIR       # GPU sweep (bench/gpu_check.sh runs it)
 
 Each runs bench/bench_margin_ce.py under pytest-benchmark, appends the rows to
 DIR/<device>.csv, draws DIR/<device>_<dtype>.png and, unless --no-readme, regenerates the
-tables of bench/README.md from that CSV.
+tables of bench/README.md (and, after a CPU sweep, README.md's CPU summary) from the CSVs.
 """
 
 from __future__ import annotations
@@ -61,6 +62,14 @@ SWEEPS = {
                        + [Case(1024, 50_000, 512, 1, "fp64"), Case(256, 10_000, 512, 3, "fp64")]),
         settings=dict(warmup=0, budget_s=1.5, min_repeats=3, max_repeats=30, step_limit_s=25.0),
     ),
+    # The same shapes with bf16 x and W: the kernel's GEMMs on AVX512-BF16 where the CPU has
+    # it (fastmargin._C.build_info()['cpu_bf16_gemms']), the peers' in torch's bf16 matmul.
+    "cpubf16": Sweep(
+        device="cpu",
+        cases=_by_size([Case(256, c, 512, 1, "bf16") for c in (10_000, 50_000, 200_000)]
+                       + [Case(1024, 50_000, 512, 1, "bf16"), Case(256, 10_000, 512, 3, "bf16")]),
+        settings=dict(warmup=0, budget_s=1.5, min_repeats=3, max_repeats=30, step_limit_s=25.0),
+    ),
     "gpu": Sweep(
         device="cuda",
         cases=_by_size([Case(b, c, 512, 1, dtype) for dtype in ("bf16", "fp32")
@@ -88,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=BENCH / "results", help="folder for the CSV and PNGs")
     parser.add_argument("--providers", help="comma-separated provider names (default: all usable)")
     parser.add_argument("--deadline-s", type=float, help="seconds after which cases are recorded as skipped")
-    parser.add_argument("--no-readme", action="store_true", help="leave bench/README.md as it is")
+    parser.add_argument("--no-readme", action="store_true", help="leave bench/README.md and README.md as they are")
     args = parser.parse_args(argv)
 
     sweep = SWEEPS[args.sweep]
@@ -108,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         pngs = plot.plot_csv(path, args.out)
         print("plots:", *map(str, pngs), sep="\n  ")
         if not args.no_readme:
-            plot.update_readme(BENCH / "README.md", sorted((BENCH / "results").glob("*.csv")))
+            csvs = sorted((BENCH / "results").glob("*.csv"))
+            plot.update_readme(BENCH / "README.md", csvs)
+            if sweep.device == "cpu":
+                plot.update_readme(BENCH.parent / "README.md", csvs, summary=True)
     return int(code)
 
 

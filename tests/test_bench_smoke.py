@@ -75,6 +75,21 @@ def test_plots_and_tables_from_the_rows(smoke_run, tmp_path):
     assert "old" not in text and text.endswith("tail\n")
     assert "| fastmargin:reference |" in text and "B=8 C=50 K=3" in text
 
+    # README.md's CPU summary: fastmargin:cpu's time and its ratio to each peer, from the rows
+    readme.write_text(f"# x\n\n{plot.SUMMARY_BEGIN}\nold\n{plot.SUMMARY_END}\n\ntail\n")
+    plot.update_readme(readme, [path], summary=True)
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("tail\n")
+    median = {(r["provider"], r["K"]): float(r["median"]) for r in _rows(out)
+              if r["metric"] == "time" and r["mode"] == "fwd_bwd"}
+    for K, pml in (("1", "pml:ArcFaceLoss"), ("3", "pml:SubCenterArcFaceLoss")):
+        (line,) = [t for t in text.splitlines() if t.startswith(f"| B=8 C=50{' K=3' if K == '3' else ''} |")]
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        ours = median[("fastmargin:cpu", K)]
+        assert cells[1] == plot._fmt(ours)
+        assert cells[2] == plot._fmt(median[("gemm_floor", K)]) and cells[5] == f"{ours / median[('gemm_floor', K)]:.2f}"
+        assert cells[4] == plot._fmt(median[(pml, K)]) and cells[7] == f"{ours / median[(pml, K)]:.2f}"
+
 
 def test_rss_method_reads_a_known_allocation():
     assert 0.95 < profiling.validate_rss_method(128 * profiling.MIB) < 1.10
