@@ -88,14 +88,19 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+# What a run measures: the package, its kernels, the build and the benchmark code. Not the
+# docs, nor the READMEs and bench/results that a sweep writes itself.
+CODE_PATHS = ("fastmargin", "csrc", "kernels", "setup.py", "pyproject.toml", "bench/*.py")
+
+
 def _commit() -> str:
-    """HEAD's short hash, with '+dirty' where tracked files other than bench/results (which
-    a run writes) differ from it: the rows then measure code no commit holds."""
+    """HEAD's short hash, with '+dirty' where tracked code (CODE_PATHS) differs from it: the
+    rows then measure code no commit holds."""
     try:
         head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                               capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "--",
-                                ".", ":!bench/results", ":!bench/README.md"], capture_output=True, text=True, timeout=10)
+                                *CODE_PATHS], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     commit = head.stdout.strip()
