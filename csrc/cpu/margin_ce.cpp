@@ -320,23 +320,32 @@ struct Walk {
 };
 
 // A thread's buffers for the blocks of its parts: the block's dotsᵀ (then its G), its W
-// rows' norms, and (dw_cols > 0) the block's dw in the compute dtype, where W's is coarser.
+// rows' norms, and, where W's dtype is not the compute dtype, the block's W rows and (dw_cols
+// > 0) its dw in the compute dtype: made once a thread, not once a block, since a fresh
+// buffer a block costs an allocation and its page faults every block.
 // The backward on bf16_gemm adds G's two bf16 operands (bf16_backward_gemms).
 template <typename T>
 struct Block {
   at::Tensor dots;  // (chunk * K * B,)
   std::vector<T> w_norm, w_inv_norm;  // (chunk * K,)
-  at::Tensor dw_buffer;               // (chunk * K, dw_cols) or undefined
+  at::Tensor w_buffer, dw_buffer;     // (chunk * K, D) and (chunk * K, dw_cols), or undefined
   std::vector<uint16_t> g_pairs, g_scaled;
 
-  Block(const Walk<T>& walk, const at::TensorOptions& options, int64_t dw_cols = 0)
+  Block(const Walk<T>& walk, const at::Tensor& w, const at::TensorOptions& options, int64_t dw_cols = 0)
       : dots(at::empty({walk.chunk * walk.K * walk.B}, options)), w_norm(walk.chunk * walk.K),
         w_inv_norm(walk.chunk * walk.K) {
+    if (w.scalar_type() != c10::typeMetaToScalarType(options.dtype())) w_buffer = at::empty({walk.chunk * walk.K, walk.D}, options);
     if (dw_cols > 0) dw_buffer = at::empty({walk.chunk * walk.K, dw_cols}, options);
     if (dw_cols > 0 && walk.bf16_gemms) {
       g_pairs.resize(packed_size(walk.B, walk.chunk * walk.K));
       g_scaled.resize(walk.chunk * walk.K * walk.B);
     }
+  }
+
+  // W's rows [r0, r0 + rows) in the compute dtype: a view of w, or their copy in w_buffer.
+  at::Tensor w_rows(const at::Tensor& w, int64_t r0, int64_t rows) {
+    const at::Tensor src = w.narrow(0, r0, rows);
+    return w_buffer.defined() ? w_buffer.narrow(0, 0, rows).copy_(src) : src;
   }
 
   // Computes the block's dotsᵀ (n*K, B) = w_block @ xᵀ, single-threaded inside a part:
@@ -515,11 +524,11 @@ void forward_impl(const at::Tensor& x, const at::Tensor& x_in, const at::Tensor&
   const int64_t B = walk.B, K = walk.K;
   std::vector<PartStats<T>> stats(walk.parts, PartStats<T>(B));
   std::fill(z_target, z_target + B, T(0));
-  const auto make_block = [&] { return Block<T>(walk, x.options()); };
+  const auto make_block = [&] { return Block<T>(walk, w, x.options()); };
   walk.for_each_part(make_block, [&](Block<T>& blk, int64_t p) {
     for (int64_t c0 = walk.part_begin(p), end = walk.part_begin(p + 1); c0 < end; c0 += walk.chunk) {
       const int64_t n = std::min(walk.chunk, end - c0);
-      const at::Tensor w_src = w.narrow(0, c0 * K, n * K), w_block = w_src.to(x.scalar_type());
+      const at::Tensor w_src = w.narrow(0, c0 * K, n * K), w_block = blk.w_rows(w, c0 * K, n * K);
       T* dots = blk.load(walk, x, w_block, w_src);
       const T* wp = w_block.data_ptr<T>();
       for (int64_t j0 = 0; j0 < n; j0 += walk.slice_classes) {
@@ -721,13 +730,13 @@ void backward_impl(const Upstream<T>& up, const at::Tensor& x, const at::Tensor&
   // With G = dcos / r (DESIGN §3; rows of classes, columns of the batch): dx̂ = Gᵀ @ W and
   // G @ X̂ holds dŵ_j / r_j; dw_j = dŵ_j / r_j - w_j b_j / r_j², its second term written by
   // the slices before the GEMM adds the first (beta 1): no normalised copy of W is made.
-  const auto make_block = [&] { return Block<T>(walk, x.options(), same_dtype ? 0 : D); };
+  const auto make_block = [&] { return Block<T>(walk, w, x.options(), same_dtype ? 0 : D); };
   walk.for_each_part(make_block, [&](Block<T>& blk, int64_t p) {
     at::Tensor dx_hat = dx_parts[p];
     const at::Tensor& dw_buffer = blk.dw_buffer;
     for (int64_t c0 = walk.part_begin(p), end = walk.part_begin(p + 1); c0 < end; c0 += walk.chunk) {
       const int64_t n = std::min(walk.chunk, end - c0), rows = n * K;
-      const at::Tensor w_src = w.narrow(0, c0 * K, rows), w_block = w_src.to(x.scalar_type());
+      const at::Tensor w_src = w.narrow(0, c0 * K, rows), w_block = blk.w_rows(w, c0 * K, rows);
       T* g = blk.load(walk, x, w_block, w_src);
       at::Tensor dw_block = same_dtype ? dw.narrow(0, c0 * K, rows) : dw_buffer.narrow(0, 0, rows);
       const T* wp = w_block.data_ptr<T>();
