@@ -334,7 +334,9 @@ struct Block {
   Block(const Walk<T>& walk, const at::Tensor& w, const at::TensorOptions& options, int64_t dw_cols = 0)
       : dots(at::empty({walk.chunk * walk.K * walk.B}, options)), w_norm(walk.chunk * walk.K),
         w_inv_norm(walk.chunk * walk.K) {
-    if (w.scalar_type() != c10::typeMetaToScalarType(options.dtype())) w_buffer = at::empty({walk.chunk * walk.K, walk.D}, options);
+    if (w.scalar_type() != c10::typeMetaToScalarType(options.dtype())) {
+      w_buffer = at::empty({walk.chunk * walk.K, walk.D}, options);
+    }
     if (dw_cols > 0) dw_buffer = at::empty({walk.chunk * walk.K, dw_cols}, options);
     if (dw_cols > 0 && walk.bf16_gemms) {
       g_pairs.resize(packed_size(walk.B, walk.chunk * walk.K));
