@@ -534,6 +534,31 @@ def test_strided_inputs(backend, layout, x_dtype, w_dtype, tol):
 # ---------------------------------------------------------------- half, mixed and TF32 inputs
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@every_backend
+def test_one_dimensional_embeddings_have_no_gradient(request, backend, dtype):
+    """D = 1: every normalised row is ±1, so the loss is constant in x and W away from 0 and
+    both gradients are 0; the kernels get them by cancelling a radial term against the GEMM's
+    result. Where the GEMM's operand dcos is rounded to bf16 the two must come from the same
+    rounded numbers (the cpu kernel takes the radial term from the GEMM's result); the GPU
+    dW kernels sum b_j from the unrounded dcos over slices of D, which leaves the rounding
+    (about 2^-9 of the terms) behind: a known defect, marked xfail there."""
+    if backend in ("triton", "cuda") and dtype == torch.bfloat16:
+        request.applymarker(pytest.mark.xfail(reason="GPU dW: b_j from unrounded dcos", strict=False))
+    g = torch.Generator().manual_seed(0)
+
+    def away_from_zero(n):  # |v| in [0.5, 1.5]: dw_j's terms scale with 1 / ||w_j||
+        return ((torch.rand(n, 1, generator=g) + 0.5) * torch.randn(n, 1, generator=g).sign()).to(dtype)
+
+    x, w = away_from_zero(B), away_from_zero(C)
+    y = torch.randint(0, C, (B,), generator=g)
+    # no margin: psi' near cos = ±1 (ArcFace's, up to 1/sqrt(1e-7)) would make the terms that
+    # cancel large; here they are O(s / B) = O(1) a row, and fp32 leaves ~1e-7 of them
+    _, _, dx, dw = run(backend, x, w, y, chunk_size=CHUNK)
+    assert_close(dx, 0.0, atol=1e-5, what=f"{backend} D=1 d loss / d x")
+    assert_close(dw, 0.0, atol=1e-5, what=f"{backend} D=1 d loss / d W")
+
+
 @pytest.mark.thin(keep=lambda backend, name, x_dtype, w_dtype, eps: name == "arcface")
 @pytest.mark.parametrize("x_dtype, w_dtype, eps", [
     pytest.param(torch.float16, torch.float16, 2**-10, id="fp16"),

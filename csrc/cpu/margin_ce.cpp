@@ -370,12 +370,16 @@ struct Block {
 
 #ifdef FM_BF16_DOTS
 // The backward's two GEMMs of a block on bf16_gemm, G (rows, B) fp32 from the slices: dX̂ᵀ
-// (D, B; += after the part's first block) = W_blockᵀ @ bf16(G), and dw_block (rows, D; fp32,
-// holding the radial term) += bf16(G / ||x||) @ x, x as given (bf16, exact), x_cols it packed
-// along the batch. G's 1 / ||x_i|| is taken before rounding, as the GPU backends take it.
+// (D, B; += after the part's first block) = W_blockᵀ @ bf16(G), and A = bf16(G / ||x||) @ x
+// into dw_block (rows, D; fp32), x as given (bf16, exact), x_cols it packed along the batch.
+// G's 1 / ||x_i|| is taken before rounding, as the GPU backends take it. A_j = dŵ_j / r_j, and
+// dw_j = A_j - w_j <w_j, A_j> / r_j² (DESIGN §3) with the radial part taken from A itself:
+// b_j summed from the unrounded G would leave A's bf16 rounding in the radial direction, the
+// whole of a gradient whose true value is 0 (D = 1, or rows already tangent). w_block: the
+// block's W rows in fp32, row stride D.
 FM_BF16_TARGET void bf16_backward_gemms(const Walk<float>& walk, Block<float>& blk, const float* g,
-                                       const at::Tensor& w_src, const uint16_t* x_cols, float* dx_hat_t, bool first,
-                                       float* dw_block, int64_t ldw) {
+                                       const at::Tensor& w_src, const float* w_block, const uint16_t* x_cols,
+                                       float* dx_hat_t, bool first, float* dw_block, int64_t ldw) {
   const int64_t B = walk.B, D = walk.D, rows = w_src.size(0);
   const float* inv_x = walk.x_inv_norm.data();
   pack_pairs(g, B, rows, 1, B, blk.g_pairs.data());
@@ -384,7 +388,18 @@ FM_BF16_TARGET void bf16_backward_gemms(const Walk<float>& walk, Block<float>& b
   }
   const uint16_t* w = reinterpret_cast<const uint16_t*>(w_src.data_ptr());
   bf16_gemm(w, 1, w_src.stride(0), D, rows, blk.g_pairs.data(), B, dx_hat_t, B, !first);
-  bf16_gemm(blk.g_scaled.data(), B, 1, rows, B, x_cols, D, dw_block, ldw, true);
+  bf16_gemm(blk.g_scaled.data(), B, 1, rows, B, x_cols, D, dw_block, ldw, false);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (blk.w_norm[r] < kNormEps) continue;  // below the floor the norm is a constant: no radial term
+    const float* wr = w_block + r * D;
+    float* a = dw_block + r * ldw;
+    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t d = 0; d < D; ++d) dot += wr[d] * a[d];
+    const float f = dot * blk.w_inv_norm[r] * blk.w_inv_norm[r];
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) a[d] -= wr[d] * f;
+  }
 }
 #endif
 
@@ -571,7 +586,8 @@ struct Upstream {
 // b_j = Σ_i dcos_ij cos_ij = <ŵ_j, dŵ_j> (0 below the norm floor, where r_j is a constant);
 // norm_grad gets Σ_j dz_ij z_ij / S_i (SphereFace's gradient through S_i). kNontarget: a
 // non-target column's z / S is nontarget(cos) and its dcos = S dz nontarget'(cos); b_j stays
-// Σ_i dcos_ij cos_ij, a derivative in cos.
+// Σ_i dcos_ij cos_ij, a derivative in cos. dw null: no radial term here (bf16_backward_gemms
+// takes it from the GEMM's own result).
 template <typename T, bool kSphereGrad, bool kNontarget>
 FM_CPU_CLONES void backward_slice(const Walk<T>& walk, Block<T>& blk, const Upstream<T>& up, const T* w, int64_t wr,
                                   int64_t wd, T* dots, T* dw, int64_t ar, int64_t ad, int64_t c0, int64_t j0,
@@ -661,6 +677,7 @@ FM_CPU_CLONES void backward_slice(const Walk<T>& walk, Block<T>& blk, const Upst
       for (int64_t ii = 0; ii < m; ++ii) norm_grad[i0 + ii] += e[ii];
     }
   }
+  if (dw == nullptr) return;
   // dw's rows of the slice start at their radial term.
   for (int64_t r = r0; r < r1; ++r) {
     b_acc[r - r0] = blk.w_norm[r] < T(kNormEps) ? T(0) : -b_acc[r - r0] * inv_w[r] * inv_w[r];
@@ -744,24 +761,25 @@ void backward_impl(const Upstream<T>& up, const at::Tensor& x, const at::Tensor&
       const T* wp = w_block.data_ptr<T>();
       T* dwp = dw_block.data_ptr<T>();
       const int64_t wr = w_block.stride(0), wd = w_block.stride(1), ar = dw_block.stride(0), ad = dw_block.stride(1);
+      T* slice_dw = walk.bf16_gemms ? nullptr : dwp;  // bf16_backward_gemms writes the radial term
       for (int64_t j0 = 0; j0 < n; j0 += walk.slice_classes) {
         const int64_t j1 = std::min(n, j0 + walk.slice_classes);
         T* norm_grad = walk.sphereface() ? norm_grad_parts.data() + p * B : nullptr;
         if (walk.sphereface() && walk.flags.nontarget) {
-          backward_slice<T, true, true>(walk, blk, up, wp, wr, wd, g, dwp, ar, ad, c0, j0, j1, norm_grad);
+          backward_slice<T, true, true>(walk, blk, up, wp, wr, wd, g, slice_dw, ar, ad, c0, j0, j1, norm_grad);
         } else if (walk.sphereface()) {
-          backward_slice<T, true, false>(walk, blk, up, wp, wr, wd, g, dwp, ar, ad, c0, j0, j1, norm_grad);
+          backward_slice<T, true, false>(walk, blk, up, wp, wr, wd, g, slice_dw, ar, ad, c0, j0, j1, norm_grad);
         } else if (walk.flags.nontarget) {
-          backward_slice<T, false, true>(walk, blk, up, wp, wr, wd, g, dwp, ar, ad, c0, j0, j1, nullptr);
+          backward_slice<T, false, true>(walk, blk, up, wp, wr, wd, g, slice_dw, ar, ad, c0, j0, j1, nullptr);
         } else {
-          backward_slice<T, false, false>(walk, blk, up, wp, wr, wd, g, dwp, ar, ad, c0, j0, j1, nullptr);
+          backward_slice<T, false, false>(walk, blk, up, wp, wr, wd, g, slice_dw, ar, ad, c0, j0, j1, nullptr);
         }
       }
       const bool first = c0 == walk.part_begin(p);
 #ifdef FM_BF16_DOTS
       if constexpr (std::is_same_v<T, float>) {
         if (walk.bf16_gemms) {
-          bf16_backward_gemms(walk, blk, g, w_src, x_cols.data(), dx_hat.data_ptr<float>(), first, dwp, ar);
+          bf16_backward_gemms(walk, blk, g, w_src, wp, x_cols.data(), dx_hat.data_ptr<float>(), first, dwp, ar);
           dw.narrow(0, c0 * K, rows).copy_(dw_block);
           continue;
         }
